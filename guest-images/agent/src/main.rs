@@ -1,0 +1,2 @@
+//! The in-guest agent (placeholder until its own commit lands).
+fn main() {}

@@ -1,0 +1,1 @@
+//! Test infrastructure shared by the integration tests in `tests/tests/`.

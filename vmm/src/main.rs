@@ -1,0 +1,2 @@
+//! `evm`: the command line.
+fn main() {}
