@@ -1,0 +1,1 @@
+//! virtio: the MMIO transport and the devices behind it.
