@@ -2,6 +2,8 @@
 //! KVM vCPU details; the `vmm` crate wires them to buses and interrupts.
 
 pub mod bus;
+pub mod legacy;
+pub mod serial;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, SharedDevice};
