@@ -8,8 +8,9 @@
 #   initramfs.cpio.gz  busybox, virtio modules, /init, /sbin/evm-agent
 #   disk.ext4          64 MiB ext4 image holding /hello
 #   SHA256SUMS         sha256 of the files above
-# Rebuilds only when an input changed (this script, init, packages.lock, the
-# agent sources, the workspace Cargo files, rustc's version).
+# Always runs cargo for the agent (a no-op when its sources did not change),
+# then rebuilds the images only when an input changed: this script, init,
+# packages.lock, or the agent binary.
 # Usage: guest-images/build.sh [--force]
 set -euo pipefail
 
@@ -25,7 +26,7 @@ case "${1:-}" in
     "") ;;
     --force) force=1 ;;
     -h | --help)
-        sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *) die "unknown argument '$1' (usage: $prog [--force])" ;;
@@ -53,7 +54,7 @@ guest_hostname=evm-guest
 module_roots=(virtio_mmio virtio_blk virtio_rng virtio_pci ext4)
 outputs=(vmlinuz busybox initramfs.cpio.gz disk.ext4)
 
-for tool in apt-get dpkg-deb cpio gzip mkfs.ext4 sha256sum flock cargo; do
+for tool in apt-get dpkg-deb cpio gzip mkfs.ext4 debugfs sha256sum flock cargo; do
     command -v "$tool" >/dev/null || die "'$tool' not found (run scripts/setup)"
 done
 modinfo=$(command -v modinfo || true)
@@ -66,17 +67,29 @@ mkdir -p "$out" "$debs"
 exec 9>"$cache/guest.lock"
 flock 9 || die "cannot lock $cache/guest.lock"
 
+# --- agent -----------------------------------------------------------------
+
+agent_target=$cache/agent-target
+(
+    cd "$repo"
+    RUSTFLAGS='-C target-feature=+crt-static' \
+        CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols \
+        cargo build --quiet --release -p evm-agent --target x86_64-unknown-linux-gnu \
+        --target-dir "$agent_target"
+) || die "cargo build of evm-agent failed"
+agent_bin=$agent_target/x86_64-unknown-linux-gnu/release/evm-agent
+[[ -x $agent_bin ]] || die "cargo did not produce $agent_bin"
+if command -v readelf >/dev/null && readelf -l "$agent_bin" | grep -q 'INTERP'; then
+    die "$agent_bin is dynamically linked (want a static binary)"
+fi
+
 # --- up-to-date check ------------------------------------------------------
 
 inputs_hash() {
     (
         cd "$repo"
-        sha256sum guest-images/build.sh guest-images/init guest-images/packages.lock \
-            Cargo.toml Cargo.lock
-        find guest-images/agent -type f ! -path '*/target/*' -print0 |
-            LC_ALL=C sort -z | xargs -0 -r sha256sum
-        rustc -V 2>/dev/null || echo "no rustc"
-        echo "EVM_CACHE-independent"
+        sha256sum guest-images/build.sh guest-images/init guest-images/packages.lock
+        sha256sum <"$agent_bin"
     ) | sha256sum | cut -d' ' -f1
 }
 
@@ -207,23 +220,6 @@ for m in "${module_roots[@]}"; do
     add_module "$m"
 done
 
-# --- agent -----------------------------------------------------------------
-
-note "building evm-agent (static)"
-agent_target=$cache/agent-target
-(
-    cd "$repo"
-    RUSTFLAGS='-C target-feature=+crt-static' \
-        CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols \
-        cargo build --quiet --release -p evm-agent --target x86_64-unknown-linux-gnu \
-        --target-dir "$agent_target"
-) || die "cargo build of evm-agent failed"
-agent_bin=$agent_target/x86_64-unknown-linux-gnu/release/evm-agent
-[[ -x $agent_bin ]] || die "cargo did not produce $agent_bin"
-if command -v readelf >/dev/null && readelf -l "$agent_bin" | grep -q 'INTERP'; then
-    die "$agent_bin is dynamically linked (want a static binary)"
-fi
-
 # --- initramfs -------------------------------------------------------------
 
 root=$work/initramfs
@@ -281,6 +277,14 @@ E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mkfs.ext4 -q -F -L "$disk_label" -U "$dis
     -E "root_owner=0:0,hash_seed=$disk_uuid,lazy_itable_init=0,lazy_journal_init=0" \
     -d "$disk_src" "$out/disk.ext4.new" ||
     die "mkfs.ext4 failed on $out/disk.ext4.new"
+# mke2fs -d copies each source file's ctime (always "now"); pin all four times.
+while IFS= read -r path; do
+    for field in atime ctime mtime crtime; do
+        echo "set_inode_field /$path $field @$SOURCE_DATE_EPOCH"
+    done
+done < <(cd "$disk_src" && find . -mindepth 1 -printf '%P\n') |
+    E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH debugfs -w -f - "$out/disk.ext4.new" >/dev/null 2>&1 ||
+    die "debugfs failed on $out/disk.ext4.new"
 mv "$out/disk.ext4.new" "$out/disk.ext4"
 
 # --- checksums -------------------------------------------------------------
