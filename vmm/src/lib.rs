@@ -1,0 +1,14 @@
+//! evm's virtual machine monitor: KVM set-up, boot, devices on buses, vCPU
+//! threads and the console. The `evm` binary (`main.rs`) is its command line.
+
+pub mod acpi;
+pub mod boot;
+pub mod config;
+pub mod console;
+pub mod cpu;
+pub mod cpuid;
+pub mod host;
+pub mod logger;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
