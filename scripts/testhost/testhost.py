@@ -1,0 +1,531 @@
+"""The test host (L1): QEMU TCG with an AMD CPU model, KVM inside.
+
+One run = one L1 boot that runs one command (normally `evm run ...`) and
+powers off.  Channels between this machine and L1:
+
+    COM1 ttyS0  <-> socketpair "con"  the command's stdin/stdout, raw bytes
+    COM2 ttyS1  <-> socketpair "ctl"  L1's kernel console and init's control
+                                      lines (EVM-TH UP/START/EXIT/FAIL);
+                                      "SIG <NAME>" lines go the other way
+    virtio port <-  socketpair "err"  the command's stderr
+    monitor         unix socket mon.sock in the run folder
+
+Disk files reach L1 as virtio-blk disks (serial evmN, cache=none) and are
+named /dev/disk/by-id/virtio-evmN there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import termios
+import threading
+import time
+import tty
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from initramfs import Cpio, TesthostError, build_base, run_env
+
+PR_SET_PDEATHSIG = 1
+
+# Exit codes of scripts/run itself (everything else is the command's own).
+EXIT_TIMEOUT = 124  # EVM_TESTHOST_TIMEOUT expired (like timeout(1))
+EXIT_TESTHOST = 125  # the test host failed; the command's status is unknown
+
+
+def say(msg: str) -> None:
+    os.write(2, f"scripts/run: {msg}\r\n".encode() if _raw_active() else f"scripts/run: {msg}\n".encode())
+
+
+_saved_termios: list = []
+
+
+def _raw_active() -> bool:
+    return bool(_saved_termios)
+
+
+def host_tsc_khz() -> int | None:
+    """This machine's TSC frequency in kHz (L1's TSC under TCG is the host's)."""
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
+        m = re.search(r"tsc: Detected ([0-9]+)\.([0-9]{3}) MHz", out)
+        if m:
+            return int(m.group(1)) * 1000 + int(m.group(2))
+        m = re.search(r"tsc: Refined TSC clocksource calibration: ([0-9]+)\.([0-9]{3}) MHz", out)
+        if m:
+            return int(m.group(1)) * 1000 + int(m.group(2))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except OSError:
+        pass
+    return None
+
+
+def env_float(name: str, default: float | None) -> float | None:
+    v = os.environ.get(name, "")
+    if not v:
+        return default
+    try:
+        f = float(v)
+    except ValueError:
+        raise TesthostError(f"{name}={v!r}: not a number of seconds") from None
+    return f if f > 0 else None
+
+
+def supports_odirect(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+@dataclass
+class Disk:
+    """A file or block device of this machine attached to L1."""
+
+    path: Path
+    serial: str
+    readonly: bool = False
+
+    def qemu_args(self, index: int) -> list[str]:
+        cache = "none" if supports_odirect(self.path) else "writethrough"
+        p = str(self.path).replace(",", ",,")
+        drive = f"file={p},format=raw,if=none,id=disk{index},cache={cache},aio=threads"
+        if self.readonly:
+            drive += ",readonly=on"
+        return [
+            "-drive", drive,
+            "-device", f"virtio-blk-pci,drive=disk{index},serial={self.serial}",
+        ]
+
+    @property
+    def l1_path(self) -> str:
+        return f"/dev/disk/by-id/virtio-{self.serial}"
+
+
+@dataclass
+class RunSpec:
+    """What one test-host run does."""
+
+    argv: list[str]  # command inside L1
+    archives: list[Path] = field(default_factory=list)  # extra cached cpio parts
+    files: dict[str, Path] = field(default_factory=dict)  # L1 path -> host file
+    disks: list[Disk] = field(default_factory=list)
+    l1_mem_mib: int = 1536
+    env: dict[str, str] = field(default_factory=dict)
+    mode: str = "evm"
+
+
+class Testhost:
+    """Prepares and runs L1; `run()` returns the command's exit status."""
+
+    def __init__(self, cache: Path, guest: Path, spec: RunSpec) -> None:
+        self.cache = cache
+        self.guest = guest
+        self.spec = spec
+        self.debug = os.environ.get("EVM_TESTHOST_DEBUG", "") not in ("", "0")
+        self.boot_timeout = env_float("EVM_TESTHOST_BOOT_TIMEOUT", 90.0)
+        self.total_timeout = env_float("EVM_TESTHOST_TIMEOUT", None)
+        self.machine = os.environ.get("EVM_TESTHOST_MACHINE", "pc")
+        self.qemu = os.environ.get("EVM_TESTHOST_QEMU", "qemu-system-x86_64")
+        self.pending_signal: int | None = None
+        self.forwarded = False
+        self.rundir: Path | None = None
+        self.start = time.monotonic()
+
+    # ---- preparation -------------------------------------------------
+    def prepare(self) -> Path:
+        vmlinuz = self.guest / "vmlinuz"
+        if not vmlinuz.exists():
+            raise TesthostError(f"missing {vmlinuz} (scripts/setup builds it)")
+        if shutil.which(self.qemu) is None:
+            raise TesthostError(f"{self.qemu} not found (scripts/setup installs qemu-system-x86)")
+        base = build_base(self.cache, self.guest)
+        runs = self.cache / "testhost" / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        self._clean_stale(runs)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.rundir = runs / f"{stamp}-{os.getpid()}"
+        self.rundir.mkdir()
+        c = Cpio()
+        for l1_path, host in self.spec.files.items():
+            c.file(l1_path, host.read_bytes(), 0o755 if os.access(host, os.X_OK) else 0o644)
+        c.file(
+            "testhost/run.env",
+            run_env(self.spec.argv, [d.serial for d in self.spec.disks], self.spec.env, self.spec.mode),
+        )
+        initrd = self.rundir / "initrd"
+        with open(initrd, "wb") as out:
+            for part in (base, *self.spec.archives):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+            out.write(c.finish())
+        return initrd
+
+    @staticmethod
+    def _clean_stale(runs: Path) -> None:
+        """Drop initrds of runs whose scripts/run is gone; old run folders."""
+        now = time.time()
+        for d in runs.iterdir():
+            m = re.fullmatch(r"\d{8}-\d{6}-(\d+)", d.name)
+            if not m:
+                continue
+            pid = int(m.group(1))
+            alive = Path(f"/proc/{pid}").exists() and pid != os.getpid()
+            if not alive:
+                (d / "initrd").unlink(missing_ok=True)
+                try:
+                    if now - d.stat().st_mtime > 3 * 86400:
+                        shutil.rmtree(d, ignore_errors=True)
+                except OSError:
+                    pass
+
+    def cmdline(self) -> str:
+        parts = ["console=ttyS1", "panic=-1", "mitigations=off", "rdinit=/init"]
+        if not self.debug:
+            parts += ["quiet", "loglevel=0"]
+        khz = host_tsc_khz()
+        if khz:
+            parts.append(f"tsc_early_khz={khz}")
+        extra = os.environ.get("EVM_TESTHOST_APPEND", "")
+        if extra:
+            parts.append(extra)
+        return " ".join(parts)
+
+    def qemu_argv(self, initrd: Path, fds: dict[str, int], mon: Path | None) -> list[str]:
+        a = [
+            self.qemu,
+            "-accel", "tcg",
+            "-cpu", "EPYC",
+            "-smp", "2",
+            "-m", f"{self.spec.l1_mem_mib}M",
+            "-M", self.machine,
+            "-nodefaults", "-no-user-config",
+            "-display", "none",
+            "-no-reboot",
+            "-kernel", str(self.guest / "vmlinuz"),
+            "-initrd", str(initrd),
+            "-append", self.cmdline(),
+            "-chardev", f"socket,id=con,fd={fds['con']}",
+            "-serial", "chardev:con",
+            "-chardev", f"socket,id=ctl,fd={fds['ctl']}",
+            "-serial", "chardev:ctl",
+            "-chardev", f"socket,id=err,fd={fds['err']}",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", "virtserialport,bus=vser0.0,chardev=err,name=evm.stderr",
+        ]
+        if mon is not None:
+            a += ["-monitor", f"unix:{mon},server=on,wait=off"]
+        for i, d in enumerate(self.spec.disks):
+            a += d.qemu_args(i)
+        return a
+
+    # ---- running -----------------------------------------------------
+    def run(self) -> int:
+        initrd = self.prepare()
+        assert self.rundir is not None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        try:
+            for attempt in (1, 2):
+                att = Attempt(self, initrd, attempt)
+                outcome = att.run()
+                if outcome == "retry" and attempt == 1:
+                    continue
+                self._finish(att.exit_rc is not None)
+                return outcome if isinstance(outcome, int) else EXIT_TESTHOST
+            return EXIT_TESTHOST
+        finally:
+            restore_terminal()
+
+    def _finish(self, success: bool) -> None:
+        """Remove the run folder after a good run; keep its logs otherwise."""
+        assert self.rundir is not None
+        if self.debug:
+            say(f"run folder kept: {self.rundir}")
+        elif success:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+        else:
+            (self.rundir / "initrd").unlink(missing_ok=True)
+            say(f"test host logs kept in {self.rundir}")
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.pending_signal = signum
+
+
+def restore_terminal() -> None:
+    if _saved_termios:
+        try:
+            termios.tcsetattr(0, termios.TCSADRAIN, _saved_termios[0])
+        except termios.error:
+            pass
+        _saved_termios.clear()
+
+
+def make_raw() -> None:
+    if os.isatty(0) and not _saved_termios:
+        _saved_termios.append(termios.tcgetattr(0))
+        tty.setraw(0, termios.TCSANOW)
+
+
+def _set_pdeathsig(parent: int):
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def pre() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return pre
+
+
+def write_all(fd: int, data: bytes) -> bool:
+    """Write everything; False when the reader is gone (EPIPE)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BrokenPipeError:
+            return False
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        view = view[n:]
+    return True
+
+
+class Attempt:
+    """One L1 boot."""
+
+    def __init__(self, th: Testhost, initrd: Path, number: int) -> None:
+        self.th = th
+        self.initrd = initrd
+        self.number = number
+        self.up = threading.Event()
+        self.started = threading.Event()
+        self.exit_rc: int | None = None
+        self.fail_msg: str | None = None
+        self.socks: dict[str, socket.socket] = {}
+        self.threads: list[threading.Thread] = []
+
+    def run(self) -> int | str:
+        th = self.th
+        assert th.rundir is not None
+        remote: dict[str, socket.socket] = {}
+        for name in ("con", "ctl", "err"):
+            a, b = socket.socketpair()
+            self.socks[name] = a
+            remote[name] = b
+        fds = {k: s.fileno() for k, s in remote.items()}
+        mon = th.rundir / "mon.sock"
+        if len(str(mon)) > 100:
+            mon = None
+        elif mon.exists():
+            mon.unlink()
+        argv = th.qemu_argv(self.initrd, fds, mon)
+        (th.rundir / "qemu.argv").write_text("\n".join(argv) + "\n")
+        qlog = open(th.rundir / f"qemu-{self.number}.log", "wb")
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=qlog,
+                stderr=qlog,
+                pass_fds=list(fds.values()),
+                preexec_fn=_set_pdeathsig(os.getpid()),
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise TesthostError(f"cannot start {th.qemu}: {e.strerror}") from None
+        finally:
+            for s in remote.values():
+                s.close()
+            qlog.close()
+        if th.debug:
+            say(f"L1 pid {proc.pid}, monitor: {mon}, run folder: {th.rundir}")
+        self._spawn(self._pump, self.socks["con"], 1)
+        self._spawn(self._pump, self.socks["err"], 2)
+        self._spawn(self._ctl_reader, self.socks["ctl"], th.rundir / f"console-{self.number}.log")
+        try:
+            return self._supervise(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for t in self.threads:
+                t.join(timeout=5)
+            for s in self.socks.values():
+                s.close()
+
+    def _spawn(self, fn, *args) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _supervise(self, proc: subprocess.Popen) -> int | str:
+        th = self.th
+        t0 = time.monotonic()
+        stdin_started = False
+        while True:
+            try:
+                rc = proc.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                rc = None
+            if rc is not None:
+                break
+            now = time.monotonic()
+            if th.pending_signal is not None:
+                sig = th.pending_signal
+                th.pending_signal = None
+                name = signal.Signals(sig).name
+                if self.started.is_set() and not th.forwarded and self.exit_rc is None:
+                    th.forwarded = True
+                    say(f"{name}: forwarded to the command in the test host (send again to kill it)")
+                    try:
+                        self.socks["ctl"].sendall(f"SIG {name[3:]}\n".encode())
+                    except OSError:
+                        pass
+                else:
+                    say(f"{name}: killing the test host")
+                    proc.kill()
+                    proc.wait()
+                    return 128 + sig
+            if self.started.is_set() and not stdin_started:
+                stdin_started = True
+                make_raw()
+                t = threading.Thread(target=self._stdin_pump, daemon=True)
+                t.start()
+            if not self.started.is_set() and th.boot_timeout and now - t0 > th.boot_timeout:
+                what = "no sign of life" if not self.up.is_set() else "init did not start the command"
+                proc.kill()
+                proc.wait()
+                if self.number == 1:
+                    say(f"test host: {what} after {th.boot_timeout:.0f} s; killed it, retrying once")
+                    return "retry"
+                say(f"test host: {what} after {th.boot_timeout:.0f} s again; giving up")
+                return EXIT_TESTHOST
+            if th.total_timeout and now - th.start > th.total_timeout:
+                proc.kill()
+                proc.wait()
+                say(f"EVM_TESTHOST_TIMEOUT={th.total_timeout:g} s expired; killed the test host")
+                return EXIT_TIMEOUT
+        # QEMU has exited: let the output pumps drain.
+        for t in self.threads:
+            t.join(timeout=5)
+        if self.exit_rc is not None:
+            return self.exit_rc
+        if self.fail_msg is not None:
+            say(f"test host failed: {self.fail_msg}")
+            self._show_tail()
+            return EXIT_TESTHOST
+        if not self.started.is_set() and self.number == 1:
+            say(f"test host stopped before starting the command (qemu exit {rc}); retrying once")
+            self._show_tail()
+            return "retry"
+        say(f"test host stopped without reporting the command's exit status (qemu exit {rc})")
+        self._show_tail()
+        return EXIT_TESTHOST
+
+    def _show_tail(self) -> None:
+        assert self.th.rundir is not None
+        for name in (f"qemu-{self.number}.log", f"console-{self.number}.log"):
+            p = self.th.rundir / name
+            try:
+                lines = p.read_text(errors="replace").splitlines()[-15:]
+            except OSError:
+                continue
+            for line in lines:
+                say(f"  {name}: {line.rstrip()}")
+
+    # ---- threads -----------------------------------------------------
+    def _pump(self, sock: socket.socket, fd: int) -> None:
+        alive = True
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if alive:
+                alive = write_all(fd, data)
+
+    def _ctl_reader(self, sock: socket.socket, log_path: Path) -> None:
+        buf = b""
+        with open(log_path, "wb") as log:
+            while True:
+                try:
+                    data = sock.recv(4096)
+                except OSError:
+                    return
+                if not data:
+                    if buf:
+                        self._ctl_line(buf)
+                    return
+                log.write(data)
+                log.flush()
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    self._ctl_line(line)
+
+    def _ctl_line(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").strip("\r\n\0 ")
+        if not line.startswith("EVM-TH "):
+            if self.th.debug and line:
+                say(f"[L1] {line}")
+            return
+        word, _, rest = line[len("EVM-TH "):].partition(" ")
+        if self.th.debug:
+            say(f"[L1 +{time.monotonic() - self.th.start:.2f}s] {line}")
+        if word == "UP":
+            self.up.set()
+        elif word == "START":
+            self.started.set()
+        elif word == "EXIT":
+            try:
+                self.exit_rc = int(rest) & 0xFF
+            except ValueError:
+                self.fail_msg = f"bad exit line: {line}"
+        elif word == "FAIL":
+            self.fail_msg = rest
+
+    def _stdin_pump(self) -> None:
+        con = self.socks["con"]
+        while True:
+            try:
+                data = os.read(0, 65536)
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    time.sleep(0.01)
+                    continue
+                return
+            if not data:
+                return  # EOF: the guest may still be working; keep running
+            try:
+                con.sendall(data)
+            except OSError:
+                return
+
+
+def main_error(msg: str) -> int:
+    print(f"scripts/run: {msg}", file=sys.stderr)
+    return EXIT_TESTHOST
