@@ -25,7 +25,7 @@
 //! | R8 | end of the RAM the probe may use (RAM is contiguous from 0) |
 //! | R9 | first free byte (page aligned): `[R9, R8)` is the probe's to use |
 //! | RSP | top of this vCPU's own 16 KiB stack (16-byte aligned) |
-//! | RFLAGS | IOPL=3 (so `in`/`out` work at CPL3), IF=0 |
+//! | RFLAGS | IOPL=3, IF=0 |
 //!
 //! These are the System V argument registers, so a C `main(index, count,
 //! cmdline, tsc_khz, ram_end, free)` receives them as arguments. Paging
@@ -33,15 +33,29 @@
 //! PE, MP, ET, NE, WP, PG (EM clear); CR4 has PAE, OSFXSR, OSXMMEXCPT; EFER
 //! has LME and LMA. There is no IDT: any exception triple-faults, which KVM
 //! reports as a shutdown exit. The guest talks to evm only through evm's
-//! ordinary devices (COM1 at 0x3f8, the ACPI power port 0x600).
+//! ordinary devices (COM1 at 0x3f8, the ACPI power port 0x600) and must
+//! never be sent an interrupt (evm's serial raises none while IER is 0):
+//! PVM runs guest user mode with interrupts enabled whatever RFLAGS.IF says,
+//! and the probe has nowhere to take one.
+//!
+//! Port I/O at CPL3 is allowed twice over: by IOPL 3 (enough under VT-x or
+//! AMD-V) and by the TSS I/O permission bitmap, which allows every port.
+//! The bitmap is what works under PVM: PVM runs guest user mode in host
+//! ring 3 with the real IOPL forced to 0, so `out` raises #GP there, and
+//! KVM's instruction emulator then checks the guest TSS bitmap before it
+//! turns the access into a `KVM_EXIT_IO`.
+//!
+//! The selectors follow Linux's x86-64 GDT layout (user data 0x2b, user
+//! code 0x33), which PVM expects: it loads the guest's data selectors into
+//! the host's own segment registers.
 //!
 //! # Guest-physical layout
 //!
 //! | address | contents |
 //! | --- | --- |
-//! | `0x1000` | GDT: null, user code64 (selector 0x0b), user data (0x13), busy TSS (0x18) |
-//! | `0x1100` | the TSS (104 bytes; unused, but KVM wants a valid TR) |
+//! | `0x1000` | GDT: user data (selector 0x2b), user code64 (0x33), busy TSS (0x40) |
 //! | `0x2000` | command line, at most 4095 bytes plus NUL |
+//! | `0x3000` | the TSS with an I/O bitmap allowing all ports (8,297 bytes) |
 //! | `0x10000` | PML4, PDPT, then one page directory per GiB |
 //! | `0x400000`.. | the image's `PT_LOAD` segments (must lie at or above 4 MiB) |
 //! | after the image | one 16 KiB stack per vCPU |
@@ -71,18 +85,22 @@ pub const IMAGE_MIN: u64 = 0x40_0000;
 pub const STACK_SIZE: u64 = 16 << 10;
 
 const GDT_ADDR: u64 = 0x1000;
-const TSS_ADDR: u64 = 0x1100;
-const TSS_SIZE: u64 = 104;
+const GDT_ENTRIES: u16 = 10;
 const CMDLINE_ADDR: u64 = 0x2000;
+const TSS_ADDR: u64 = 0x3000;
+/// The 64-bit TSS proper; the I/O permission bitmap follows it.
+const TSS_HEADER: u64 = 104;
+/// One bit per port (0 = allowed) plus the all-ones byte the CPU requires.
+const TSS_SIZE: u64 = TSS_HEADER + 0x1_0000 / 8 + 1;
 const PML4_ADDR: u64 = 0x1_0000;
 const PDPT_ADDR: u64 = PML4_ADDR + 0x1000;
 const PD_ADDR: u64 = PDPT_ADDR + 0x1000;
 /// Guest memory the page tables can map: one PDPT, 512 GiB.
 const MAX_MAPPED: u64 = 512 << 30;
 
-const SEL_CODE: u16 = 0x08 | 3;
-const SEL_DATA: u16 = 0x10 | 3;
-const SEL_TSS: u16 = 0x18;
+const SEL_DATA: u16 = 0x28 | 3;
+const SEL_CODE: u16 = 0x30 | 3;
+const SEL_TSS: u16 = 0x40;
 
 const PTE_P: u64 = 1;
 const PTE_W: u64 = 1 << 1;
@@ -120,7 +138,9 @@ pub enum ProbeError {
     TooLarge { size: u64 },
     #[error("not a valid probe ELF: {0}")]
     Elf(String),
-    #[error("probe image speaks entry ABI version {found}; this evm implements {PROBE_ABI_VERSION}")]
+    #[error(
+        "probe image speaks entry ABI version {found}; this evm implements {PROBE_ABI_VERSION}"
+    )]
     AbiVersion { found: u32 },
     #[error("guest memory has no RAM region at address 0")]
     NoLowRam,
@@ -128,7 +148,9 @@ pub enum ProbeError {
     MemoryTooLarge { end: u64 },
     #[error("the probe needs at least one vCPU")]
     NoVcpus,
-    #[error("probe image, stacks and tables need RAM up to {need:#x}, but RAM ends at {ram_end:#x}")]
+    #[error(
+        "probe image, stacks and tables need RAM up to {need:#x}, but RAM ends at {ram_end:#x}"
+    )]
     NotEnoughMemory { need: u64, ram_end: u64 },
     #[error("command line is {len} bytes; the probe accepts at most {MAX_CMDLINE}")]
     CmdlineTooLong { len: usize },
@@ -221,7 +243,9 @@ fn parse_elf(data: &[u8]) -> Result<ElfHeader, ProbeError> {
     if data.get(..4) != Some(b"\x7fELF".as_slice()) {
         return Err(elf_err("no ELF magic"));
     }
-    let ident = data.get(4..7).ok_or_else(|| elf_err("truncated ELF header"))?;
+    let ident = data
+        .get(4..7)
+        .ok_or_else(|| elf_err("truncated ELF header"))?;
     if ident[0] != 2 {
         return Err(elf_err("not a 64-bit ELF (EI_CLASS is not ELFCLASS64)"));
     }
@@ -247,7 +271,9 @@ fn parse_elf(data: &[u8]) -> Result<ElfHeader, ProbeError> {
         return Err(elf_err(format!("e_phentsize is {phentsize}, not 56")));
     }
     if phnum == 0 || phnum > 64 {
-        return Err(elf_err(format!("{phnum} program headers (expected 1 to 64)")));
+        return Err(elf_err(format!(
+            "{phnum} program headers (expected 1 to 64)"
+        )));
     }
     let mut phdrs = Vec::with_capacity(usize::from(phnum));
     for i in 0..u64::from(phnum) {
@@ -325,8 +351,14 @@ fn check_segments(h: &ElfHeader, file_len: u64, ram_end: u64) -> Result<u64, Pro
         if ph.filesz > ph.memsz {
             return Err(elf_err(format!("segment {i}: p_filesz exceeds p_memsz")));
         }
-        if ph.offset.checked_add(ph.filesz).is_none_or(|e| e > file_len) {
-            return Err(elf_err(format!("segment {i}: file bytes lie outside the file")));
+        if ph
+            .offset
+            .checked_add(ph.filesz)
+            .is_none_or(|e| e > file_len)
+        {
+            return Err(elf_err(format!(
+                "segment {i}: file bytes lie outside the file"
+            )));
         }
         if ph.vaddr != ph.paddr {
             return Err(elf_err(format!(
@@ -426,12 +458,17 @@ fn tss_segment() -> kvm_segment {
 fn write_tables(mem: &GuestMem, cmdline: &str, map_end: u64) -> Result<(), ProbeError> {
     let tss = tss_segment();
     let tss_low = descriptor(&tss);
-    let gdt = [0, descriptor(&code_segment()), descriptor(&data_segment()), tss_low, TSS_ADDR >> 32];
+    let mut gdt = [0u64; GDT_ENTRIES as usize];
+    gdt[usize::from(SEL_DATA >> 3)] = descriptor(&data_segment());
+    gdt[usize::from(SEL_CODE >> 3)] = descriptor(&code_segment());
+    gdt[usize::from(SEL_TSS >> 3)] = tss_low;
+    gdt[usize::from(SEL_TSS >> 3) + 1] = TSS_ADDR >> 32;
     let gdt: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
     write(mem, "GDT", &gdt, GDT_ADDR)?;
-    let mut tss_bytes = [0u8; TSS_SIZE as usize];
-    // I/O map base beyond the limit: no I/O bitmap (IOPL 3 grants the ports).
-    tss_bytes[102..104].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes());
+    // I/O bitmap right after the header, all ports allowed, then 0xff.
+    let mut tss_bytes = vec![0u8; TSS_SIZE as usize];
+    tss_bytes[102..104].copy_from_slice(&(TSS_HEADER as u16).to_le_bytes());
+    tss_bytes[TSS_SIZE as usize - 1] = 0xff;
     write(mem, "TSS", &tss_bytes, TSS_ADDR)?;
 
     let mut line = Vec::with_capacity(cmdline.len() + 1);
@@ -441,9 +478,14 @@ fn write_tables(mem: &GuestMem, cmdline: &str, map_end: u64) -> Result<(), Probe
 
     let gib = map_end.div_ceil(1 << 30);
     let table_flags = PTE_P | PTE_W | PTE_U | PTE_A;
-    write(mem, "PML4", &(PDPT_ADDR | table_flags).to_le_bytes(), PML4_ADDR)?;
+    write(
+        mem,
+        "PML4",
+        &(PDPT_ADDR | table_flags).to_le_bytes(),
+        PML4_ADDR,
+    )?;
     let pdpt: Vec<u8> = (0..gib)
-        .flat_map(|g| (PD_ADDR + g * 0x1000 | table_flags).to_le_bytes())
+        .flat_map(|g| ((PD_ADDR + g * 0x1000) | table_flags).to_le_bytes())
         .collect();
     write(mem, "PDPT", &pdpt, PDPT_ADDR)?;
     let leaf = PTE_P | PTE_W | PTE_U | PTE_A | PTE_D | PTE_PS;
@@ -498,7 +540,11 @@ pub fn load(
         .find_region(GuestAddress(0))
         .map(|r| r.len())
         .ok_or(ProbeError::NoLowRam)?;
-    let map_end = mem.last_addr().0.saturating_add(1).next_multiple_of(2 << 20);
+    let map_end = mem
+        .last_addr()
+        .0
+        .saturating_add(1)
+        .next_multiple_of(2 << 20);
     if map_end > MAX_MAPPED {
         return Err(ProbeError::MemoryTooLarge { end: map_end });
     }
@@ -506,14 +552,26 @@ pub fn load(
     let stacks_base = image_end.next_multiple_of(0x1000);
     let free_start = stacks_base + u64::from(vcpus) * STACK_SIZE;
     if free_start > ram_end {
-        return Err(ProbeError::NotEnoughMemory { need: free_start, ram_end });
+        return Err(ProbeError::NotEnoughMemory {
+            need: free_start,
+            ram_end,
+        });
     }
 
     write_tables(mem, cmdline, map_end)?;
-    for ph in header.phdrs.iter().filter(|p| p.kind == PT_LOAD && p.memsz > 0) {
+    for ph in header
+        .phdrs
+        .iter()
+        .filter(|p| p.kind == PT_LOAD && p.memsz > 0)
+    {
         // check_segments proved offset + filesz <= data.len() and the sizes fit.
         let from = ph.offset as usize;
-        write(mem, "image", &data[from..from + ph.filesz as usize], ph.paddr)?;
+        write(
+            mem,
+            "image",
+            &data[from..from + ph.filesz as usize],
+            ph.paddr,
+        )?;
         let bss = vec![0u8; (ph.memsz - ph.filesz) as usize];
         write(mem, "image bss", &bss, ph.paddr + ph.filesz)?;
     }
@@ -542,18 +600,31 @@ pub fn setup_vcpu(
     tsc_khz: u32,
 ) -> Result<(), ProbeError> {
     if index >= boot.vcpus {
-        return Err(ProbeError::VcpuIndex { index, vcpus: boot.vcpus });
+        return Err(ProbeError::VcpuIndex {
+            index,
+            vcpus: boot.vcpus,
+        });
     }
-    let kvm = |ioctl| move |source| ProbeError::Kvm { ioctl, index, source };
+    let kvm = |ioctl| {
+        move |source| ProbeError::Kvm {
+            ioctl,
+            index,
+            source,
+        }
+    };
 
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     sregs.cs = code_segment();
     let data = data_segment();
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.tr = tss_segment();
-    sregs.ldt = kvm_segment { type_: 0x2, unusable: 1, ..Default::default() };
+    sregs.ldt = kvm_segment {
+        type_: 0x2,
+        unusable: 1,
+        ..Default::default()
+    };
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = 5 * 8 - 1;
+    sregs.gdt.limit = GDT_ENTRIES * 8 - 1;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
@@ -562,7 +633,11 @@ pub fn setup_vcpu(
     sregs.efer = EFER_LME | EFER_LMA;
     vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
 
     let regs = kvm_regs {
@@ -581,6 +656,11 @@ pub fn setup_vcpu(
 
     // With an in-kernel irqchip KVM parks every vCPU but the first waiting
     // for INIT/SIPI; the probe has no bring-up code, so start them all.
-    let runnable = kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
+    let runnable = kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    };
     vcpu.set_mp_state(runnable).map_err(kvm("KVM_SET_MP_STATE"))
 }
+
+#[cfg(test)]
+mod tests;
