@@ -23,6 +23,8 @@ use crate::virtio::GuestWarnings;
 
 /// Size of `struct virtio_blk_outhdr` (type, ioprio, sector).
 const HEADER_LEN: u64 = 16;
+/// Descriptors walked in one chain before it is dropped unanswered.
+const MAX_WALK: usize = 1024;
 /// Length of the GET_ID answer.
 pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 
@@ -52,6 +54,13 @@ impl Buffers {
         let mut seen_writable = false;
         for desc in chain {
             count += 1;
+            if count > MAX_WALK {
+                // An indirect table may hold 65535 descriptors: do not
+                // spend the event loop on it. Drop the request.
+                b.status = None;
+                b.malformed = Some("far too many descriptors");
+                break;
+            }
             if desc.len() == 0 {
                 continue;
             }

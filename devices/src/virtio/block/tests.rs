@@ -255,6 +255,13 @@ fn out_of_range_and_misshapen_transfers_fail_with_ioerr() {
             "type {t} sector {sector} {data:?}"
         );
     }
+    // A write just past the end must not grow the image.
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_OUT, SECTORS, Some((DATA, 512, false))),
+        ioerr
+    );
+    let len = img.as_file().metadata().expect("metadata").len();
+    assert_eq!(len, SECTORS * 512);
     // The image is unchanged.
     let mut b = vec![0u8; 512];
     img.as_file().read_exact_at(&mut b, 0).expect("read");
@@ -361,6 +368,23 @@ fn malformed_chains_never_panic() {
     f.q.publish(5);
     f.t.process_queue(0);
     assert_eq!(read_guest(&mem, DATA, 1)[0], ioerr);
+    // Far too many (an indirect table of 4095 entries): dropped unanswered.
+    for i in 0..4095u16 {
+        let at = GuestAddress(table + 16 * u64::from(i));
+        mem.write_obj(DATA2, at).expect("desc");
+        mem.write_obj(1u32, at.unchecked_add(8)).expect("desc");
+        mem.write_obj(if i == 4094 { 2u16 } else { 3 }, at.unchecked_add(12))
+            .expect("desc");
+        mem.write_obj(i + 1, at.unchecked_add(14)).expect("desc");
+    }
+    mem.write_obj(0x77u8, GuestAddress(DATA2)).expect("marker");
+    f.q.write_desc(6, table, 4095 * 16, VRING_DESC_F_INDIRECT as u16, 0);
+    f.q.publish(6);
+    let used = f.q.used_idx();
+    f.t.process_queue(0);
+    assert_eq!(f.q.used_idx(), used.wrapping_add(1));
+    assert_eq!(f.q.used_elem(used).1, 0);
+    assert_eq!(read_guest(&mem, DATA2, 1)[0], 0x77);
     // The device still works.
     assert!(f.t.is_activated());
     assert_eq!(

@@ -127,6 +127,10 @@ fn out_of_order_status_and_late_writes_are_ignored() {
     write32(&mut t, reg::VIRTIO_MMIO_STATUS, DRIVER);
     assert_eq!(t.status(), ACK | DRIVER);
 
+    negotiate(&mut t, u64::MAX);
+    write32(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRIVER);
+    assert_eq!(t.status(), ACK | DRIVER | FEATURES_OK);
+
     driver_init(&mut t, &q, u64::MAX);
     let before = t.state();
     // Once running: feature and queue writes change nothing.

@@ -21,6 +21,9 @@ pub const QUEUE_SIZE: u16 = 256;
 /// alone (the used length says how much was filled).
 pub const MAX_BYTES_PER_REQUEST: u64 = 64 << 10;
 
+/// Descriptors of one chain looked at; the rest are left alone.
+const MAX_DESCRIPTORS: usize = 1024;
+
 /// Saved state of a virtio-rng device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RngState {
@@ -89,7 +92,8 @@ fn fill(
     warnings: &mut GuestWarnings,
 ) -> u32 {
     let mut written = 0u64;
-    for desc in chain.filter(|d| d.is_write_only()) {
+    // Bound the walk: an indirect table may hold 65535 descriptors.
+    for desc in chain.take(MAX_DESCRIPTORS).filter(|d| d.is_write_only()) {
         let room = MAX_BYTES_PER_REQUEST - written;
         if room == 0 {
             break;
