@@ -283,9 +283,15 @@ fn lays_out_tables_and_image() {
 // ---- on /dev/kvm --------------------------------------------------------
 
 fn kvm() -> Kvm {
-    Kvm::new().unwrap_or_else(|e| {
+    let kvm = Kvm::new().unwrap_or_else(|e| {
         panic!("cannot open /dev/kvm ({e}): the probe tests need KVM and never skip")
-    })
+    });
+    let version = kvm.get_api_version();
+    assert_eq!(
+        version, 12,
+        "/dev/kvm answers API version {version}, not KVM's 12: the probe tests need KVM"
+    );
+    kvm
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
