@@ -65,6 +65,18 @@ static u64 muldiv(u64 a, u64 b, u64 c)
 	return q;
 }
 
+/* Saturating helpers for TSC deadlines: NEVER means "no deadline". */
+static u64 add_sat(u64 a, u64 b)
+{
+	return a + b < a ? NEVER : a + b;
+}
+
+/* s seconds in TSC ticks; 0 seconds = NEVER (the option is off). */
+static u64 ticks(u64 s, u64 hz)
+{
+	return s == 0 || s > NEVER / hz ? NEVER : s * hz;
+}
+
 /* gcc may emit calls to these even in freestanding code. */
 void *memset(void *d, int c, unsigned long n)
 {
@@ -303,8 +315,8 @@ static int parse_opts(const char *c, struct opts *o, struct line *err)
 static void run_count(struct env *e, const struct opts *o)
 {
 	struct percpu *me = &pcpu[e->me];
-	u64 report = o->report ? o->report * e->hz : NEVER;
-	u64 t0 = rdtsc(), next = report == NEVER ? NEVER : t0 + report;
+	u64 report = ticks(o->report, e->hz);
+	u64 t0 = rdtsc(), next = add_sat(t0, report);
 	u64 done = 0;
 
 	me->counter = 0;
@@ -323,7 +335,7 @@ static void run_count(struct env *e, const struct opts *o)
 			ls(&l, " at=");
 			lu(&l, me->counter);
 			emit(&l);
-			next = now + report;
+			next = add_sat(now, report);
 		}
 	}
 	me->cycles = rdtsc() - t0;
@@ -490,7 +502,7 @@ static u64 periodic_verify(struct env *e, const struct dirty *d, u64 vevery)
 	ls(&l, " vcpu=");
 	lu(&l, e->me);
 	emit(&l);
-	return rdtsc() + vevery;
+	return add_sat(rdtsc(), vevery);
 }
 
 static void run_dirty(struct env *e, const struct opts *o)
@@ -537,11 +549,11 @@ static void run_dirty(struct env *e, const struct opts *o)
 	u64 cpp_rem = rate_b ? e->hz * PAGE % rate_b : 0, acc = 0;
 
 	u64 start = rdtsc();
-	u64 end = o->seconds ? start + o->seconds * e->hz : NEVER;
-	u64 report = o->report ? o->report * e->hz : NEVER;
-	u64 next_report = report == NEVER ? NEVER : start + report;
-	u64 vevery = o->verify_every ? o->verify_every * e->hz : NEVER;
-	u64 next_verify = vevery == NEVER ? NEVER : start + vevery;
+	u64 end = add_sat(start, ticks(o->seconds, e->hz));
+	u64 report = ticks(o->report, e->hz);
+	u64 next_report = add_sat(start, report);
+	u64 vevery = ticks(o->verify_every, e->hz);
+	u64 next_verify = add_sat(start, vevery);
 	u64 pace = start, since = start, since_pages = 0, passes = 0, gen = 0;
 
 	me->written = 0;
@@ -576,7 +588,7 @@ static void run_dirty(struct env *e, const struct opts *o)
 				lu(&l, muldiv(since_pages, e->hz, (now - since) * (MIB / PAGE)));
 				emit(&l);
 				since = now, since_pages = 0;
-				next_report = now + report;
+				next_report = add_sat(now, report);
 			}
 			if (now >= next_verify)
 				next_verify = periodic_verify(e, &d, vevery);
