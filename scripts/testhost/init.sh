@@ -36,13 +36,14 @@ done </lib/testhost-modules/order
 [ -c /dev/kvm ] || fail "/dev/kvm did not appear after loading kvm-amd"
 
 [ -r /testhost/run.env ] || fail "no /testhost/run.env in the initramfs"
+# shellcheck disable=SC1091
 . /testhost/run.env
 
 # Disks: give each virtio-blk disk the name udev would, by its serial.
 mkdir -p /dev/disk/by-id
 for serial in $TH_DISKS; do
     found=
-    for try in $(seq 50); do
+    for _ in $(seq 50); do
         for s in /sys/block/vd*/serial; do
             [ -r "$s" ] || continue
             if [ "$(cat "$s")" = "$serial" ]; then
@@ -59,7 +60,7 @@ done
 
 # The stderr channel.
 errdev=
-for try in $(seq 50); do
+for _ in $(seq 50); do
     for n in /sys/class/virtio-ports/*/name; do
         [ -r "$n" ] || continue
         if [ "$(cat "$n")" = evm.stderr ]; then
@@ -89,7 +90,7 @@ stty raw -echo -echonl -iexten -ixon -ixoff -icrnl -opost -isig cs8 -parenb cloc
 ) 3>&- &
 reader=$!
 
-cd /run
+cd /run || fail "cannot cd /run"
 read -r up _ </proc/uptime
 ctl "START $up"
 "$@" <&3 >&3 2>"$errdev" 3>&- &

@@ -128,6 +128,8 @@ class RunSpec:
     l1_mem_mib: int = 1536
     env: dict[str, str] = field(default_factory=dict)
     mode: str = "evm"
+    out_fd: int = 1  # where the command's stdout goes on this machine
+    stdin: bool = True  # pass this machine's stdin to the command (raw on a tty)
 
 
 class Testhost:
@@ -246,7 +248,7 @@ class Testhost:
                 outcome = att.run()
                 if outcome == "retry" and attempt == 1:
                     continue
-                self._finish(att.exit_rc is not None)
+                self._finish(att.exit_rc is not None or att.user_stop)
                 return outcome if isinstance(outcome, int) else EXIT_TESTHOST
             return EXIT_TESTHOST
         finally:
@@ -319,6 +321,8 @@ class Attempt:
         self.number = number
         self.up = threading.Event()
         self.started = threading.Event()
+        self.stdout_gone = threading.Event()
+        self.user_stop = False  # ended by a signal or a closed stdout, not a fault
         self.exit_rc: int | None = None
         self.fail_msg: str | None = None
         self.socks: dict[str, socket.socket] = {}
@@ -359,7 +363,7 @@ class Attempt:
             qlog.close()
         if th.debug:
             say(f"L1 pid {proc.pid}, monitor: {mon}, run folder: {th.rundir}")
-        self._spawn(self._pump, self.socks["con"], 1)
+        self._spawn(self._pump, self.socks["con"], th.spec.out_fd)
         self._spawn(self._pump, self.socks["err"], 2)
         self._spawn(self._ctl_reader, self.socks["ctl"], th.rundir / f"console-{self.number}.log")
         try:
@@ -403,10 +407,17 @@ class Attempt:
                         pass
                 else:
                     say(f"{name}: killing the test host")
+                    self.user_stop = True
                     proc.kill()
                     proc.wait()
                     return 128 + sig
-            if self.started.is_set() and not stdin_started:
+            if self.stdout_gone.is_set():
+                # Like a process killed by SIGPIPE when its reader goes away.
+                self.user_stop = True
+                proc.kill()
+                proc.wait()
+                return 128 + signal.SIGPIPE
+            if self.started.is_set() and not stdin_started and th.spec.stdin:
                 stdin_started = True
                 make_raw()
                 t = threading.Thread(target=self._stdin_pump, daemon=True)
@@ -465,6 +476,8 @@ class Attempt:
                 return
             if alive:
                 alive = write_all(fd, data)
+                if not alive and fd == self.th.spec.out_fd:
+                    self.stdout_gone.set()
 
     def _ctl_reader(self, sock: socket.socket, log_path: Path) -> None:
         buf = b""
