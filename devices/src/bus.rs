@@ -69,11 +69,13 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength { base });
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
-        if let Some((&b, r)) = self.ranges.range(..end).next_back() {
-            if b + r.len > base {
-                return Err(BusError::Overlap { base, len });
-            }
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
+        if let Some((&b, r)) = self.ranges.range(..end).next_back()
+            && b + r.len > base
+        {
+            return Err(BusError::Overlap { base, len });
         }
         self.ranges.insert(base, Range { len, device });
         Ok(())
@@ -134,8 +136,10 @@ mod tests {
     #[test]
     fn routes_by_range_and_rejects_overlap() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x3f8, 8).unwrap();
-        bus.insert(Arc::new(Mutex::new(Echo(20))), 0x400, 4).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x3f8, 8)
+            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(20))), 0x400, 4)
+            .unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x3fc, 8).is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x3f0, 9).is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x500, 0).is_err());

@@ -46,6 +46,7 @@ impl BusDevice for I8042 {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        log::debug!("i8042: write {data:x?} at offset {offset}");
         if offset == 4 && data.first() == Some(&0xfe) {
             (self.on_power)(PowerEvent::Reset);
         }
@@ -94,6 +95,7 @@ impl BusDevice for AcpiPower {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&v) = data.first() else { return };
+        log::debug!("acpi power: write {v:#x} at offset {offset}");
         match offset {
             SLEEP_CONTROL if v & SLP_EN != 0 && (v >> 2) & 0x7 == S5_SLEEP_TYPE => {
                 (self.on_power)(PowerEvent::PowerOff)

@@ -19,9 +19,12 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::cpu::layout;
 use crate::memory;
 use devices::GuestMem;
-use devices::legacy::{
-    ACPI_POWER_BASE, RESET_REGISTER, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL, SLEEP_STATUS,
-};
+use devices::legacy::{ACPI_POWER_BASE, S5_SLEEP_TYPE, SLEEP_CONTROL, SLEEP_STATUS};
+
+/// COM1's I/O port base, as the DSDT describes it.
+pub const COM1_BASE: u16 = 0x3f8;
+/// COM1's interrupt.
+pub const COM1_GSI: u32 = 4;
 
 const OEM_ID: [u8; 6] = *b"EVM   ";
 const OEM_TABLE: [u8; 8] = *b"EVMVM   ";
@@ -100,7 +103,18 @@ fn dsdt_body(mmio: &[MmioDevice]) -> Vec<u8> {
             )
         })
         .collect();
-    let children: Vec<&dyn Aml> = devs.iter().map(|d| d as &dyn Aml).collect();
+    // COM1: Linux maps ISA IRQs only for devices that ACPI describes (a
+    // hardware-reduced platform has no legacy PIC set-up), so without this
+    // the 8250 driver cannot get IRQ 4 and /dev/ttyS0 cannot be opened.
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &0u8);
+    let com1_io = aml::IO::new(COM1_BASE, COM1_BASE, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_GSI);
+    let com1_res = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_crs = aml::Name::new("_CRS".into(), &com1_res);
+    let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+    let mut children: Vec<&dyn Aml> = vec![&com1];
+    children.extend(devs.iter().map(|d| d as &dyn Aml));
     aml::Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut out);
     out
 }
@@ -140,11 +154,14 @@ pub fn write_tables(mem: &GuestMem, vcpus: u8, mmio: &[MmioDevice]) -> Result<()
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE, 1)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
-        .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    fadt.reset_reg = gas_io8(ACPI_POWER_BASE + RESET_REGISTER);
-    fadt.reset_value = RESET_VALUE;
+    // No ACPI reset register: with one, Linux 6.1 (BOOT_ACPI, its default)
+    // hung in acpi_reboot() under nested KVM and never reached the write;
+    // without one it goes straight to the i8042 reset line (0xFE to port
+    // 0x64), which works, as Firecracker's guests do. The reset register
+    // at ACPI_POWER_BASE + RESET_REGISTER still works for guests that write
+    // it directly (the probe).
     fadt.sleep_control_reg = gas_io8(ACPI_POWER_BASE + SLEEP_CONTROL);
     fadt.sleep_status_reg = gas_io8(ACPI_POWER_BASE + SLEEP_STATUS);
     // IAPC_BOOT_ARCH: no VGA (bit 2), no CMOS RTC (bit 5).
@@ -232,7 +249,9 @@ mod tests {
                 mem.read_slice(&mut body, GuestAddress(dsdt)).unwrap();
                 assert_eq!(sum(&body), 0);
                 let text = String::from_utf8_lossy(&body);
-                assert!(text.contains("LNRO0005") && text.contains("_S5_"));
+                assert!(
+                    text.contains("LNRO0005") && text.contains("_S5_") && text.contains("COM1")
+                );
             }
             if &h[..4] == b"APIC" {
                 // 44-byte header, two 8-byte LAPICs, one 12-byte IOAPIC.

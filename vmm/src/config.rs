@@ -73,7 +73,7 @@ pub fn check_mem(given: &str, bytes: u64, host_ram: u64) -> Result<u64, ConfigEr
             host: host_ram,
         });
     }
-    if bytes % 4096 != 0 {
+    if !bytes.is_multiple_of(4096) {
         return Err(ConfigError::MemUnaligned(given.to_string()));
     }
     Ok(bytes)
@@ -107,9 +107,9 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// Optional initramfs.
     pub initrd: Option<PathBuf>,
-    /// Kernel command line (evm adds nothing to a user-given one except
-    /// what the platform needs; see `boot::linux`).
-    pub cmdline: String,
+    /// Kernel command line; `None` gives the default for the image kind
+    /// (`boot::linux::DEFAULT_CMDLINE` for Linux, empty for the probe).
+    pub cmdline: Option<String>,
     /// Guest RAM in bytes.
     pub mem_bytes: u64,
     /// Number of vCPUs.

@@ -8,9 +8,6 @@ use clap::{Parser, Subcommand};
 use vmm::config::{self, VmConfig};
 use vmm::vm::{self, RunEnd};
 
-/// The kernel command line evm gives a Linux guest when `--cmdline` is not set.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 pci=off panic=-1 quiet";
-
 #[derive(Parser, Debug)]
 #[command(
     name = "evm",
@@ -39,9 +36,10 @@ struct RunArgs {
     /// Initramfs to load with the kernel.
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
-    /// Kernel command line (replaces the default).
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
-    cmdline: String,
+    /// Kernel command line, replacing the default (for Linux:
+    /// "console=ttyS0 pci=off panic=-1 quiet"; for the probe guest: empty).
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
     /// Guest memory (K, M, G, T suffixes).
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     mem: String,

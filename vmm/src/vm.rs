@@ -24,10 +24,7 @@ use crate::memory::{self, MemoryError};
 use crate::vcpu::{self, VmEvent};
 use crate::{acpi, cpuid};
 
-/// COM1's port base.
-pub const COM1_BASE: u64 = 0x3f8;
-/// COM1's IRQ.
-pub const COM1_GSI: u32 = 4;
+use crate::acpi::{COM1_BASE, COM1_GSI};
 
 /// Errors building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +182,7 @@ pub fn run(config: &VmConfig) -> Result<RunEnd, VmError> {
         com1_irq,
         Box::new(std::io::stdout()),
     )));
-    pio.insert(serial.clone(), COM1_BASE, 8)?;
+    pio.insert(serial.clone(), COM1_BASE as u64, 8)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(power_handler(events_tx.clone())))),
         I8042_BASE,
@@ -228,16 +225,31 @@ pub fn run(config: &VmConfig) -> Result<RunEnd, VmError> {
                 &config.kernel,
                 &mut inputs.kernel,
                 initrd,
-                &config.cmdline,
+                config
+                    .cmdline
+                    .as_deref()
+                    .unwrap_or(boot::linux::DEFAULT_CMDLINE),
                 config.mem_bytes,
             )?;
             acpi::write_tables(&mem, config.vcpus, &[])?;
             cpu::setup_linux_boot_cpu(&mem, &vcpus[0], boot.entry)?;
         }
         ImageKind::Probe => {
-            return Err(VmError::Run(
-                "the probe guest loader is not wired into this build yet".into(),
-            ));
+            let probe_err = |source| BootError::Probe {
+                path: config.kernel.clone(),
+                source,
+            };
+            let boot = boot::probe::load(
+                &mem,
+                &mut inputs.kernel,
+                config.cmdline.as_deref().unwrap_or(""),
+                config.vcpus,
+            )
+            .map_err(probe_err)?;
+            for (i, vcpu) in vcpus.iter().enumerate() {
+                let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+                boot::probe::setup_vcpu(vcpu, &boot, i as u8, tsc_khz).map_err(probe_err)?;
+            }
         }
     }
 

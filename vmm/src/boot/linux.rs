@@ -23,6 +23,11 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 
+/// The command line a Linux guest gets when the user gives none: the
+/// console on COM1, no PCI probing (evm has no PCI bus), reboot on panic
+/// (evm then exits, as on any reset), and a quiet boot.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 pci=off panic=-1 quiet";
+
 /// Offset of the 64-bit entry point from the start of the loaded kernel.
 const ENTRY_64_OFFSET: u64 = 0x200;
 
@@ -116,6 +121,7 @@ pub fn load(
     )
     .map_err(|e| BootError::Layout(Box::leak(e.to_string().into_boxed_str())))?;
 
+    write_reset_stub(mem)?;
     Ok(LinuxBoot {
         entry: loaded.kernel_load.raw_value() + ENTRY_64_OFFSET,
     })
@@ -154,4 +160,19 @@ fn load_initrd(
     file.read_exact_volatile(&mut slice)
         .map_err(|e| BootError::Io(path.to_path_buf(), std::io::Error::other(e.to_string())))?;
     Ok((addr, size))
+}
+
+/// Real-mode code at the x86 reset vector (F000:FFF0) that pulses the
+/// i8042 reset line. Linux on a hardware-reduced ACPI platform reboots
+/// through EFI and then "BIOS" (a jump to the reset vector) before it tries
+/// the keyboard controller; with no firmware there it would run zeros
+/// forever. `mov al, 0xfe; out 0x64, al; hlt; jmp $-1`.
+const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+/// The reset vector's physical address.
+pub const RESET_VECTOR: u64 = 0xffff0;
+
+fn write_reset_stub(mem: &GuestMem) -> Result<(), BootError> {
+    use vm_memory::Bytes;
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
+        .map_err(|_| BootError::Layout("cannot write the reset-vector stub"))
 }

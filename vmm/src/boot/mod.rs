@@ -2,6 +2,7 @@
 //! protocol) or evm's own probe guest (an ELF that runs in guest user mode).
 
 pub mod linux;
+pub mod probe;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,15 @@ pub enum BootError {
     /// Bad command line.
     #[error("kernel command line: {0}")]
     Cmdline(String),
+    /// The probe loader failed.
+    #[error("{path}: {source}")]
+    Probe {
+        /// The probe image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: probe::ProbeError,
+    },
     /// Guest memory layout problem.
     #[error("guest memory layout: {0}")]
     Layout(&'static str),
@@ -62,7 +72,7 @@ pub fn detect(path: &Path) -> Result<ImageKind, BootError> {
         }
     }
     head.truncate(n);
-    if head.starts_with(b"\x7fELF") {
+    if probe::is_probe_image(&head) {
         return Ok(ImageKind::Probe);
     }
     // bzImage: "HdrS" at 0x202 and the boot flag 0xaa55 at 0x1fe.
