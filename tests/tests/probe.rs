@@ -133,23 +133,24 @@ fn evm_run(args: &[&str], timeout: Duration) -> Outcome {
     out
 }
 
-/// Boots the probe with `vcpus` and `cmdline`; checks what every run must
-/// show: exit 0, the READY line first, only whole probe lines on stdout,
-/// `PROBE DONE` last.
-fn probe(vcpus: u8, cmdline: &str) -> Outcome {
+/// Boots the probe with `vcpus` and `cmdline` (None: evm's default);
+/// checks what every run must show: exit 0, the READY line first, only
+/// whole probe lines on stdout, `PROBE DONE` last.
+fn probe_with(vcpus: u8, cmdline: Option<&str>) -> Outcome {
     require_kvm();
     let elf = probe_elf();
     let vcpus_arg = vcpus.to_string();
-    let args = [
+    let mut args = vec![
         "--kernel",
         elf.to_str().expect("UTF-8 path"),
         "--vcpus",
         &vcpus_arg,
         "--mem",
         "256M",
-        "--cmdline",
-        cmdline,
     ];
+    if let Some(cmdline) = cmdline {
+        args.extend(["--cmdline", cmdline]);
+    }
     let out = evm_run(&args, Duration::from_secs(90));
     assert!(out.status.success(), "evm exited with {}", out.status);
     let first = out.stdout.lines().next().unwrap_or_default();
@@ -171,10 +172,16 @@ fn probe(vcpus: u8, cmdline: &str) -> Outcome {
     out
 }
 
+fn probe(vcpus: u8, cmdline: &str) -> Outcome {
+    probe_with(vcpus, Some(cmdline))
+}
+
 #[test]
 fn default_workload_runs_and_powers_off() {
-    for vcpus in [1, 2] {
-        let out = probe(vcpus, "");
+    // Without --cmdline evm gives the probe an empty one (not Linux's).
+    for (vcpus, cmdline) in [(1, Some("")), (2, None), (8, None)] {
+        let out = probe_with(vcpus, cmdline);
+        assert_eq!(out.lines("PROBE start cmdline=\"\" ").len(), 1);
         let ok = format!("PROBE COUNT OK vcpus={vcpus} count=10000000");
         assert_eq!(out.lines(&ok).len(), 1);
     }
