@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -31,7 +32,24 @@ const MAX_PENDING: usize = 1 << 20;
 pub struct SerialPort {
     uart: Serial<IrqLine, NoEvents, Box<dyn Write + Send>>,
     pending: VecDeque<u8>,
+    /// Line control register as last written (bit 7: divisor latch).
+    lcr: u8,
+    /// When the guest enabled the received-data interrupt (and has kept it
+    /// on since). Input waits in `pending` until it has been on for
+    /// `RX_SETTLE`: a driver probing or starting up toggles the interrupt
+    /// and drains the receive register, which would eat queued input.
+    rx_enabled_at: Option<Instant>,
 }
+
+/// How long the received-data interrupt must stay enabled before queued
+/// input is offered to the guest (Linux's 8250 probe turns it on and off
+/// again within microseconds and then reads the receive register).
+pub const RX_SETTLE: Duration = Duration::from_millis(20);
+
+const IER: u64 = 1;
+const LCR: u64 = 3;
+const LCR_DLAB: u8 = 0x80;
+const IER_RDI: u8 = 0x01;
 
 impl std::fmt::Debug for SerialPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,6 +65,8 @@ impl SerialPort {
         Self {
             uart: Serial::new(IrqLine(irq), out),
             pending: VecDeque::new(),
+            lcr: 0,
+            rx_enabled_at: None,
         }
     }
 
@@ -63,7 +83,17 @@ impl SerialPort {
         self.pending.len()
     }
 
+    /// Offer queued input to the guest if its driver is ready for it.
+    /// Called on guest accesses and periodically by the console pump.
+    pub fn pump(&mut self) {
+        self.fill_fifo();
+    }
+
     fn fill_fifo(&mut self) {
+        if self.pending.is_empty() || !self.rx_enabled_at.is_some_and(|t| t.elapsed() >= RX_SETTLE)
+        {
+            return;
+        }
         let room = self.uart.fifo_capacity().min(self.pending.len());
         if room == 0 {
             return;
@@ -85,9 +115,7 @@ impl BusDevice for SerialPort {
             return;
         }
         data[0] = self.uart.read(offset as u8);
-        if offset == 0 {
-            self.fill_fifo();
-        }
+        self.fill_fifo();
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
@@ -96,6 +124,18 @@ impl BusDevice for SerialPort {
         }
         if let Err(e) = self.uart.write(offset as u8, data[0]) {
             log::warn!("serial: write failed: {e:?}");
+        }
+        match offset {
+            LCR => self.lcr = data[0],
+            IER if self.lcr & LCR_DLAB == 0 => {
+                if data[0] & IER_RDI == 0 {
+                    self.rx_enabled_at = None;
+                } else if self.rx_enabled_at.is_none() {
+                    self.rx_enabled_at = Some(Instant::now());
+                }
+                self.fill_fifo();
+            }
+            _ => {}
         }
     }
 }
@@ -124,9 +164,24 @@ mod tests {
         let mut port = SerialPort::new(irq, Box::new(sink.clone()));
         let input: Vec<u8> = (0..200u8).collect();
         port.queue_input(&input);
+        let mut b = [0u8];
+        // A driver starting up drains the receive register before it
+        // enables the receive interrupt: nothing may be lost to that.
+        port.read(0, &mut b);
+        port.read(0, &mut b);
+        assert_eq!(port.pending_input(), 200);
+        // Probing toggles the interrupt on and off: still nothing offered.
+        port.write(IER, &[0x0f]);
+        port.write(IER, &[0]);
+        port.read(0, &mut b);
+        assert_eq!(port.pending_input(), 200);
+        port.write(IER, &[IER_RDI]);
+        port.read(0, &mut b);
+        assert_eq!(port.pending_input(), 200, "not before RX_SETTLE");
+        std::thread::sleep(RX_SETTLE);
+        port.pump();
         assert!(port.pending_input() > 0, "the FIFO holds at most 64 bytes");
         let mut got = Vec::new();
-        let mut b = [0u8];
         for _ in 0..200 {
             port.read(0, &mut b);
             got.push(b[0]);

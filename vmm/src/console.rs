@@ -88,6 +88,26 @@ impl EscapeFilter {
     }
 }
 
+/// How often queued console input is offered to the guest when nothing
+/// else touches the serial port.
+const PUMP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Offer queued input to the guest periodically (see `SerialPort::pump`).
+pub fn spawn_pump(serial: Arc<Mutex<SerialPort>>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("console-pump".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(PUMP_INTERVAL);
+                let mut s = serial.lock().unwrap_or_else(|e| e.into_inner());
+                if s.pending_input() > 0 {
+                    s.pump();
+                }
+            }
+        })?;
+    Ok(())
+}
+
 /// Read stdin on a thread of its own until EOF, feeding the serial port.
 pub fn spawn_stdin(serial: Arc<Mutex<SerialPort>>, events: Sender<VmEvent>) -> std::io::Result<()> {
     std::thread::Builder::new()

@@ -287,6 +287,7 @@ fn run_vcpus(
             .map_err(|e| VmError::Os("vCPU thread", e))?,
         );
     }
+    console::spawn_pump(serial.clone()).map_err(|e| VmError::Os("console thread", e))?;
     console::spawn_stdin(serial, events_tx).map_err(|e| VmError::Os("stdin thread", e))?;
     let event = events_rx
         .recv()
