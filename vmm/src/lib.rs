@@ -11,4 +11,5 @@ pub mod host;
 pub mod logger;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;

@@ -10,6 +10,10 @@ use devices::legacy::{
     ACPI_POWER_BASE, ACPI_POWER_LEN, AcpiPower, I8042, I8042_BASE, I8042_LEN, PowerEvent,
 };
 use devices::serial::SerialPort;
+use devices::virtio::{Block, Rng, VirtioDevice};
+
+/// The virtio-blk device id the guest reads with GET_ID.
+pub const DISK_ID: &str = "evm-disk0";
 use devices::{Bus, GuestMem};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VmFd};
@@ -45,13 +49,17 @@ pub enum VmError {
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     /// A disk image problem.
-    #[error("{path}: {reason}")]
+    #[error("--disk {}", path.display())]
     Disk {
         /// The image.
         path: std::path::PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: devices::virtio::BlockError,
     },
+    /// Attaching virtio devices failed.
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio::VirtioError),
     /// A KVM VM-level ioctl failed.
     #[error("KVM: {what} failed")]
     Kvm {
@@ -104,7 +112,7 @@ struct Inputs {
     kind: ImageKind,
     kernel: File,
     initrd: Option<File>,
-    disk: Option<File>,
+    disk: Option<Block>,
 }
 
 fn open_inputs(config: &VmConfig) -> Result<Inputs, VmError> {
@@ -115,23 +123,10 @@ fn open_inputs(config: &VmConfig) -> Result<Inputs, VmError> {
         None => None,
     };
     let disk = match &config.disk {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .map_err(|e| VmError::Disk {
-                    path: p.clone(),
-                    reason: match e.kind() {
-                        std::io::ErrorKind::NotFound => "no such disk image".into(),
-                        std::io::ErrorKind::PermissionDenied => {
-                            "cannot open the disk image for reading and writing: permission denied"
-                                .into()
-                        }
-                        _ => format!("cannot open the disk image: {e}"),
-                    },
-                })?,
-        ),
+        Some(p) => Some(Block::new(p, false, DISK_ID).map_err(|e| VmError::Disk {
+            path: p.clone(),
+            source: e,
+        })?),
         None => None,
     };
     Ok(Inputs {
@@ -173,7 +168,7 @@ pub fn run(config: &VmConfig) -> Result<RunEnd, VmError> {
 
     let (events_tx, events_rx) = channel::<VmEvent>();
     let mut pio = Bus::new();
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
 
     let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Os("eventfd", e))?;
     vm.register_irqfd(&com1_irq, COM1_GSI)
@@ -193,11 +188,12 @@ pub fn run(config: &VmConfig) -> Result<RunEnd, VmError> {
         ACPI_POWER_BASE,
         ACPI_POWER_LEN,
     )?;
-    if inputs.disk.is_some() {
-        return Err(VmError::Run(
-            "--disk: virtio-blk is not wired into this build yet".into(),
-        ));
+    let mut virtio_devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(disk) = inputs.disk.take() {
+        virtio_devices.push(Box::new(disk));
     }
+    virtio_devices.push(Box::new(Rng::new()));
+    let (described, event_loop) = crate::virtio::attach(&vm, &mem, &mut mmio, virtio_devices)?;
 
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -231,7 +227,7 @@ pub fn run(config: &VmConfig) -> Result<RunEnd, VmError> {
                     .unwrap_or(boot::linux::DEFAULT_CMDLINE),
                 config.mem_bytes,
             )?;
-            acpi::write_tables(&mem, config.vcpus, &[])?;
+            acpi::write_tables(&mem, config.vcpus, &described)?;
             cpu::setup_linux_boot_cpu(&mem, &vcpus[0], boot.entry)?;
         }
         ImageKind::Probe => {
@@ -253,6 +249,9 @@ pub fn run(config: &VmConfig) -> Result<RunEnd, VmError> {
         }
     }
 
+    event_loop
+        .spawn()
+        .map_err(|e| VmError::Os("virtio thread", e))?;
     run_vcpus(vcpus, pio, mmio, serial, mem, events_tx, events_rx)
 }
 
