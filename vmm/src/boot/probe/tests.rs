@@ -465,8 +465,10 @@ fn count_runs_at_native_speed() {
             .and_then(|v| v.parse::<f64>().ok())
             .expect("ns_per_iter");
         // Native is ~1 ns; guest supervisor code under PVM is ~3,700 ns.
+        // The bound is loose so that a loaded, shared machine never fails
+        // it; it still tells native from emulated execution.
         assert!(
-            ns < 20.0,
+            ns < 500.0,
             "counting at {ns} ns/iteration is not native speed: {line}"
         );
     }
@@ -499,8 +501,9 @@ fn dirty_rate_is_paced() {
     let r = run("dirty=8 rate=16 seconds=2 report=1", 2);
     let done = r.lines("PROBE DIRTY DONE")[0];
     let mibs = Run::field(done, "mib_per_s");
+    // Pacing is a ceiling: a starved vCPU may dirty less, never more.
     assert!(
-        (4..=20).contains(&mibs),
+        (1..=20).contains(&mibs),
         "asked 16 MiB/s, got {mibs}: {done}"
     );
     assert!(
