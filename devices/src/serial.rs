@@ -90,8 +90,7 @@ impl SerialPort {
     }
 
     fn fill_fifo(&mut self) {
-        if self.pending.is_empty() || self.rx_enabled_at.is_none_or(|t| t.elapsed() < RX_SETTLE)
-        {
+        if self.pending.is_empty() || self.rx_enabled_at.is_none_or(|t| t.elapsed() < RX_SETTLE) {
             return;
         }
         let room = self.uart.fifo_capacity().min(self.pending.len());
