@@ -20,6 +20,7 @@ import ctypes
 import errno
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -56,12 +57,11 @@ def host_tsc_khz() -> int | None:
     """This machine's TSC frequency in kHz (L1's TSC under TCG is the host's)."""
     try:
         out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
-        m = re.search(r"tsc: Detected ([0-9]+)\.([0-9]{3}) MHz", out)
-        if m:
-            return int(m.group(1)) * 1000 + int(m.group(2))
-        m = re.search(r"tsc: Refined TSC clocksource calibration: ([0-9]+)\.([0-9]{3}) MHz", out)
-        if m:
-            return int(m.group(1)) * 1000 + int(m.group(2))
+        for pat in (r"tsc: Refined TSC clocksource calibration: ([0-9]+)\.([0-9]{3}) MHz",
+                    r"tsc: Detected ([0-9]+)\.([0-9]{3}) MHz"):
+            m = re.search(pat, out)
+            if m:
+                return int(m.group(1)) * 1000 + int(m.group(2))
     except (OSError, subprocess.SubprocessError):
         pass
     try:
@@ -202,6 +202,13 @@ class Testhost:
             # ttyS1 is not the user's console: keep warnings, errors and panics
             # for the log, drop the rest (it costs boot time under TCG).
             parts.append("quiet")
+        # Under TCG, L1's TSC is this machine's TSC (one counter for all
+        # vCPUs, constant rate): tell L1 so. Without tsc=reliable L1 marks it
+        # unstable (the sync check is fooled by emulation), falls back to
+        # HPET, and KVM in L1 then cannot give guests a stable kvmclock;
+        # guest boots were slower and more variable. tsc_early_khz avoids
+        # hangs in TSC calibration (TESTHOST.md).
+        parts.append("tsc=reliable")
         khz = host_tsc_khz()
         if khz:
             parts.append(f"tsc_early_khz={khz}")
@@ -236,6 +243,7 @@ class Testhost:
             a += ["-monitor", f"unix:{mon},server=on,wait=off"]
         for i, d in enumerate(self.spec.disks):
             a += d.qemu_args(i)
+        a += shlex.split(os.environ.get("EVM_TESTHOST_QEMU_ARGS", ""))
         return a
 
     # ---- running -----------------------------------------------------
