@@ -59,7 +59,85 @@ impl std::fmt::Debug for SerialPort {
     }
 }
 
+/// Saved state of the UART (the guest-visible registers and receive FIFO).
+/// Host input not yet offered to the guest is not part of it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialPortState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Bytes in the receive FIFO.
+    pub in_buffer: Vec<u8>,
+}
+
+/// A saved UART state that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("serial state: receive FIFO of {0} bytes exceeds the 16550's 64")]
+pub struct SerialStateError(usize);
+
 impl SerialPort {
+    /// The UART's state. Take it with the port locked.
+    pub fn state(&self) -> SerialPortState {
+        let s = self.uart.state();
+        SerialPortState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in a saved state (validated), raising `irq`, writing to `out`.
+    pub fn from_state(
+        state: &SerialPortState,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, SerialStateError> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&s, IrqLine(irq), NoEvents, out)
+            .map_err(|_| SerialStateError(state.in_buffer.len()))?;
+        let rx_on = state.line_control & LCR_DLAB == 0 && state.interrupt_enable & IER_RDI != 0;
+        Ok(Self {
+            uart,
+            pending: VecDeque::new(),
+            lcr: state.line_control,
+            // The driver was ready before the checkpoint: it still is.
+            rx_enabled_at: rx_on.then(|| Instant::now() - RX_SETTLE),
+        })
+    }
+
     /// A UART that raises `irq` and writes what the guest transmits to `out`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
@@ -191,5 +269,27 @@ mod tests {
             port.write(0, &[*c]);
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_is_refused() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut port = SerialPort::new(irq, Box::new(std::io::sink()));
+        port.write(LCR, &[0x03]);
+        port.write(IER, &[IER_RDI]);
+        std::thread::sleep(RX_SETTLE);
+        port.queue_input(b"abc");
+        let st = port.state();
+        assert_eq!(st.in_buffer, b"abc");
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut back = SerialPort::from_state(&st, irq2, Box::new(std::io::sink())).unwrap();
+        assert_eq!(back.state(), st);
+        let mut b = [0u8];
+        back.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        let mut bad = st.clone();
+        bad.in_buffer = vec![0; 65];
+        let irq3 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(SerialPort::from_state(&bad, irq3, Box::new(std::io::sink())).is_err());
     }
 }

@@ -156,7 +156,7 @@ pub enum StateError {
 }
 
 /// Saved state of the device behind a transport.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VirtioDeviceState {
     /// A virtio-blk device.
     Block(BlockState),

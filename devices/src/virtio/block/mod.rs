@@ -105,7 +105,7 @@ pub enum BlockError {
 
 /// Saved state of a virtio-blk device. The disk's contents are not part of
 /// it; the image's size, mode and id are checked on restore.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockState {
     /// Features the driver acknowledged.
     pub acked_features: u64,

@@ -15,7 +15,7 @@ use crate::virtio::{
 };
 
 /// Saved configuration and position of one split virtqueue.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VirtqState {
     /// Maximum size the device offers.
     pub max_size: u16,
@@ -70,7 +70,7 @@ impl From<VirtqState> for QueueState {
 }
 
 /// Saved state of a virtio-mmio transport, including its device's.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MmioTransportState {
     /// Virtio device id, checked on restore.
     pub device_type: u32,

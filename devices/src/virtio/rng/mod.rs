@@ -25,7 +25,7 @@ pub const MAX_BYTES_PER_REQUEST: u64 = 64 << 10;
 const MAX_DESCRIPTORS: usize = 1024;
 
 /// Saved state of a virtio-rng device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RngState {
     /// Features the driver acknowledged.
     pub acked_features: u64,
