@@ -485,3 +485,32 @@ impl Drop for Guest {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_is_parsed() {
+        let r = Ready::parse(
+            "junk EVM-AGENT READY boot_id=1fedfce8-7e9e-4e43-af3b-81944173d765 uptime=5.54 nproc=2 workload=shell",
+        )
+        .unwrap();
+        assert_eq!(r.boot_id, "1fedfce8-7e9e-4e43-af3b-81944173d765");
+        assert_eq!((r.uptime, r.nproc, r.workload.as_str()), (5.54, 2, "shell"));
+        assert!(
+            Ready::parse("EVM-AGENT READY boot_id=x uptime=1 nproc=two workload=shell").is_err()
+        );
+        assert!(Ready::parse("EVM-AGENT READY boot_id=x uptime=1").is_err());
+    }
+
+    #[test]
+    fn console_splits_lines_and_drops_carriage_returns() {
+        let mut c = Console::default();
+        c.push(b"a\r\nb");
+        c.push(b"c\r\r\nd# ");
+        assert_eq!(c.lines, ["a", "bc"]);
+        assert_eq!(c.partial, b"d# ");
+        assert!(c.tail().contains("d# ⏎(no newline yet)"));
+    }
+}

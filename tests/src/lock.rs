@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::host::cache_dir;
@@ -21,10 +21,7 @@ pub struct GuestLock {
 impl GuestLock {
     /// Blocks until no other real-guest test holds the lock.
     pub fn acquire() -> std::io::Result<GuestLock> {
-        Self::acquire_at(&cache_dir().join("tests.lock"))
-    }
-
-    fn acquire_at(path: &Path) -> std::io::Result<GuestLock> {
+        let path = Self::path();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -32,7 +29,7 @@ impl GuestLock {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(path)?;
+            .open(&path)?;
         let start = Instant::now();
         loop {
             // SAFETY: flock only reads the descriptor number, which `file`
