@@ -14,6 +14,7 @@
 //!   time, whatever the test runner does.
 
 pub mod evm;
+pub mod evm_process;
 pub mod guest;
 pub mod host;
 pub mod lock;
