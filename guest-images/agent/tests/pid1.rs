@@ -158,6 +158,24 @@ impl Drop for Guest {
     }
 }
 
+/// Is a `sleep 4242` running anywhere (this host sees the namespace's
+/// processes too)?
+fn sleep_4242_running() -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x004242\x00"))
+}
+
+fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn as_pid1_keeps_a_shell_reaps_and_powers_off() {
     let mut g = Guest::start();
@@ -179,14 +197,15 @@ fn as_pid1_keeps_a_shell_reaps_and_powers_off() {
     assert_eq!(words.get(3), Some(&"/dev/ttyS0"), "{out}");
 
     // Ctrl-C interrupts the foreground job, not the shell.
-    g.send("sleep 1000\n");
-    std::thread::sleep(Duration::from_millis(500));
+    g.send("sleep 4242\n");
+    wait_for(sleep_4242_running, "sleep 4242 to start");
     g.send("\x03");
     g.expect("# ");
+    wait_for(|| !sleep_4242_running(), "sleep 4242 to end");
     assert!(g.run("echo still-$((1+1))").contains("still-2"));
 
     // An orphan (its parent subshell exits first) is reaped by PID 1.
-    let out = g.run("(sleep 1 &); sleep 3; grep -l '^State:.*Z' /proc/[0-9]*/status | wc -l");
+    let out = g.run("(true &); sleep 2; grep -l '^State:.*Z' /proc/[0-9]*/status | wc -l");
     assert_eq!(out.trim(), "0", "zombies left: {out}");
 
     // The CLI reaches the agent on the default socket.

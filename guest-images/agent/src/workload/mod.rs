@@ -137,7 +137,12 @@ impl Workloads {
             let check = d.verify();
             (disk_durable, disk_issued) = (check.durable, check.issued);
             if let Err(e) = check.result {
-                failures.push(error_chain(&e));
+                failures.push(format!(
+                    "{} (memory: disk_seq={}/{})",
+                    error_chain(&e),
+                    disk::opt(check.durable),
+                    disk::opt(check.issued)
+                ));
             }
         }
         Verdict {
