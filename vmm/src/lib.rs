@@ -10,6 +10,7 @@ pub mod cpuid;
 pub mod host;
 pub mod logger;
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
