@@ -95,7 +95,19 @@
 //! synchronised). The guest's TSC continues from its value at the freeze,
 //! consistent with kvmclock. `KVM_VCPU_TSC_OFFSET` would keep the TSC
 //! running through the downtime; that would contradict the kvmclock
-//! choice, so it is not used.
+//! choice, so it is not used. PVM cannot offset the TSC at all: there the
+//! guest TSC is the host's, jumps forward by the downtime (and would go
+//! back after a host reboot), and [`restore_vcpu`] logs a warning when it
+//! finds the restored TSC a second or more from the saved one.
+//!
+//! `KVM_KVMCLOCK_CTRL` is not needed on resume: the guest's clock does not
+//! jump, so its soft-lockup watchdog has nothing to see.
+//!
+//! # Not saved
+//!
+//! Nested virtualization state (`KVM_GET_NESTED_STATE`): a guest that ran
+//! its own VMs through VMX/SVM would lose them. evm's CPUID should hide
+//! VMX and SVM from the guest until this is added.
 //!
 //! # Versions
 //!

@@ -128,7 +128,7 @@ impl VcpuState {
 /// host: the architectural maximum for every XSAVE feature the CPU has
 /// (CPUID.(EAX=0DH,ECX=0):ECX), at least `struct kvm_xsave`. KVM copies
 /// its vCPU's XSAVE size (never more than that maximum) in both directions.
-fn xsave_buffer_bytes() -> usize {
+pub(super) fn xsave_buffer_bytes() -> usize {
     static BYTES: OnceLock<usize> = OnceLock::new();
     *BYTES.get_or_init(|| {
         let max_leaf = std::arch::x86_64::__cpuid(0).eax;
@@ -151,7 +151,17 @@ fn xsave_with_tail(bytes: usize) -> Result<Xsave, StateError> {
 }
 
 fn get_xsave(vcpu: &VcpuFd) -> Result<Vec<u8>, StateError> {
-    let bytes = xsave_buffer_bytes();
+    get_xsave_in(vcpu, xsave_buffer_bytes())
+}
+
+fn set_xsave(vcpu: &VcpuFd, image: &[u8]) -> Result<(), StateError> {
+    set_xsave_in(vcpu, image, xsave_buffer_bytes())
+}
+
+/// Reads the XSAVE image through a buffer of `bytes` bytes (raised to
+/// [`xsave_buffer_bytes`] if smaller, so that KVM never writes past it).
+pub(super) fn get_xsave_in(vcpu: &VcpuFd, bytes: usize) -> Result<Vec<u8>, StateError> {
+    let bytes = bytes.max(xsave_buffer_bytes()).next_multiple_of(4);
     let words: Vec<u32> = if bytes == KVM_XSAVE_BYTES {
         vcpu.get_xsave()
             .map_err(kvm("KVM_GET_XSAVE"))?
@@ -159,9 +169,9 @@ fn get_xsave(vcpu: &VcpuFd) -> Result<Vec<u8>, StateError> {
             .to_vec()
     } else {
         let mut xsave = xsave_with_tail(bytes)?;
-        // SAFETY: `xsave` holds `xsave_buffer_bytes()` bytes, the CPU's
-        // maximum XSAVE size for all its features, which bounds the size
-        // KVM copies out for any vCPU on this host.
+        // SAFETY: `xsave` holds at least `xsave_buffer_bytes()` bytes, the
+        // CPU's maximum XSAVE size for all its features, which bounds the
+        // size KVM copies out for any vCPU on this host.
         unsafe { vcpu.get_xsave2(&mut xsave) }.map_err(kvm("KVM_GET_XSAVE2"))?;
         let head = &xsave.as_fam_struct_ref().xsave.region;
         head.iter().chain(xsave.as_slice()).copied().collect()
@@ -172,8 +182,10 @@ fn get_xsave(vcpu: &VcpuFd) -> Result<Vec<u8>, StateError> {
     Ok(image)
 }
 
-fn set_xsave(vcpu: &VcpuFd, image: &[u8]) -> Result<(), StateError> {
-    let bytes = xsave_buffer_bytes();
+/// Writes `image` zero-padded to `bytes` bytes (raised to
+/// [`xsave_buffer_bytes`] if smaller, so that KVM never reads past it).
+pub(super) fn set_xsave_in(vcpu: &VcpuFd, image: &[u8], bytes: usize) -> Result<(), StateError> {
+    let bytes = bytes.max(xsave_buffer_bytes()).next_multiple_of(4);
     if image.len() > bytes {
         return Err(StateError::XsaveTooLarge {
             saved: image.len(),
@@ -190,9 +202,9 @@ fn set_xsave(vcpu: &VcpuFd, image: &[u8]) -> Result<(), StateError> {
     if tail.is_empty() {
         let mut xsave = kvm_xsave::default();
         xsave.region.copy_from_slice(head);
-        // SAFETY: on this host KVM's XSAVE size is at most
-        // `xsave_buffer_bytes()`, here the size of `struct kvm_xsave`, so
-        // KVM reads no byte past `xsave`.
+        // SAFETY: KVM's XSAVE size is at most `xsave_buffer_bytes()`, which
+        // `bytes` (here the size of `struct kvm_xsave`) is not below, so KVM
+        // reads no byte past `xsave`.
         unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))
     } else {
         let mut xsave = xsave_with_tail(bytes)?;
@@ -203,8 +215,8 @@ fn set_xsave(vcpu: &VcpuFd, image: &[u8]) -> Result<(), StateError> {
             .region
             .copy_from_slice(head);
         xsave.as_mut_slice().copy_from_slice(tail);
-        // SAFETY: `xsave` holds `xsave_buffer_bytes()` bytes, which bounds
-        // the size KVM reads for any vCPU on this host.
+        // SAFETY: `xsave` holds at least `xsave_buffer_bytes()` bytes, which
+        // bounds the size KVM reads for any vCPU on this host.
         unsafe { vcpu.set_xsave2(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))
     }
 }
