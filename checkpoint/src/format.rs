@@ -300,10 +300,10 @@ impl Superblock {
         if self.log.len < MIN_LOG_BYTES {
             return Err("log region too small".into());
         }
-        if self.state.len % (2 * BLOCK) != 0 || self.state.len < 4 * BLOCK {
+        if !self.state.len.is_multiple_of(2 * BLOCK) || self.state.len < 4 * BLOCK {
             return Err("state slots region is invalid".into());
         }
-        if self.log_head_pos >= self.log.len || self.log_head_pos % BLOCK != 0 {
+        if self.log_head_pos >= self.log.len || !self.log_head_pos.is_multiple_of(BLOCK) {
             return Err(format!("log head {:#x} outside the log", self.log_head_pos));
         }
         if Some(self.log_head_epoch) != self.home_epoch.checked_add(1) {

@@ -114,7 +114,7 @@ impl Store {
     /// One page (at guest-physical `gpa`) as of `epoch`.
     pub fn read_page(&self, epoch: u64, gpa: u64, dst: &mut [u8; 4096]) -> Result<(), StoreError> {
         let n = self.epochs_through(epoch)?;
-        if gpa % PAGE_SIZE != 0 || gpa >= self.sb.mem.len {
+        if !gpa.is_multiple_of(PAGE_SIZE) || gpa >= self.sb.mem.len {
             return Err(StoreError::Invalid {
                 path: self.path.clone(),
                 what: format!(

@@ -152,7 +152,7 @@ fn invalid(path: &Path, what: String) -> StoreError {
 }
 
 fn check_options(path: &Path, o: &CreateOptions) -> Result<(), StoreError> {
-    if o.mem_bytes == 0 || o.mem_bytes % PAGE_SIZE != 0 || o.mem_bytes > (1 << 46) {
+    if o.mem_bytes == 0 || !o.mem_bytes.is_multiple_of(PAGE_SIZE) || o.mem_bytes > (1 << 46) {
         return Err(invalid(
             path,
             format!(
@@ -161,7 +161,8 @@ fn check_options(path: &Path, o: &CreateOptions) -> Result<(), StoreError> {
             ),
         ));
     }
-    if o.log_bytes < MIN_LOG_BYTES || o.log_bytes % BLOCK != 0 || o.log_bytes > (1 << 46) {
+    if o.log_bytes < MIN_LOG_BYTES || !o.log_bytes.is_multiple_of(BLOCK) || o.log_bytes > (1 << 46)
+    {
         return Err(invalid(
             path,
             format!(
@@ -606,14 +607,14 @@ pub(crate) fn read_superblocks(
     // A version we do not know is refused, unless that block is plainly
     // damaged (its CRC fails) and the other one is a valid superblock.
     for (this, other) in [(&a, &b), (&b, &a)] {
-        if let Err(SbProblem::Version { found, crc_ok }) = this {
-            if *crc_ok || other.is_err() {
-                return Err(StoreError::UnknownVersion {
-                    path: path.into(),
-                    found: *found,
-                    supported: FORMAT_VERSION,
-                });
-            }
+        if let Err(SbProblem::Version { found, crc_ok }) = this
+            && (*crc_ok || other.is_err())
+        {
+            return Err(StoreError::UnknownVersion {
+                path: path.into(),
+                found: *found,
+                supported: FORMAT_VERSION,
+            });
         }
     }
     let name = |i: usize| {

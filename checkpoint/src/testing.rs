@@ -61,10 +61,94 @@ pub enum PowerCut {
     Torn(u64),
 }
 
+const BLK: u64 = 4096;
+
+/// A sparse disk image: 4 KiB blocks never written read as zeros; blocks
+/// are shared between clones until written (cheap snapshots).
+#[derive(Clone, Debug, Default)]
+pub struct Image {
+    size: u64,
+    blocks: std::collections::HashMap<u64, Arc<Vec<u8>>>,
+}
+
+impl Image {
+    /// An all-zero image of `size` bytes.
+    pub fn zeroed(size: u64) -> Image {
+        Image {
+            size,
+            blocks: Default::default(),
+        }
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Image {
+        let mut img = Image::zeroed(bytes.len() as u64);
+        for (i, ch) in bytes.chunks(BLK as usize).enumerate() {
+            if ch.iter().any(|&b| b != 0) {
+                img.write(i as u64 * BLK, ch);
+            }
+        }
+        img
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Copy out all bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.size as usize];
+        self.read(0, &mut v);
+        v
+    }
+
+    /// A copy cut (or extended with zeros) to `size` bytes.
+    pub fn resized(&self, size: u64) -> Image {
+        let mut img = Image::zeroed(size);
+        for (&b, data) in &self.blocks {
+            if b * BLK < size {
+                let n = (size - b * BLK).min(BLK) as usize;
+                img.write(b * BLK, &data[..n]);
+            }
+        }
+        img
+    }
+
+    /// Read `buf.len()` bytes at `off` (caller checks bounds).
+    pub fn read(&self, off: u64, buf: &mut [u8]) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let (b, o) = (pos / BLK, (pos % BLK) as usize);
+            let n = (BLK as usize - o).min(buf.len() - done);
+            match self.blocks.get(&b) {
+                Some(d) => buf[done..done + n].copy_from_slice(&d[o..o + n]),
+                None => buf[done..done + n].fill(0),
+            }
+            done += n;
+        }
+    }
+
+    /// Write `data` at `off` (caller checks bounds).
+    pub fn write(&mut self, off: u64, data: &[u8]) {
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let (b, o) = (pos / BLK, (pos % BLK) as usize);
+            let n = (BLK as usize - o).min(data.len() - done);
+            let blk = self
+                .blocks
+                .entry(b)
+                .or_insert_with(|| Arc::new(vec![0u8; BLK as usize]));
+            Arc::make_mut(blk)[o..o + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
-    durable: Vec<u8>,
-    volatile: Vec<u8>,
+    durable: Image,
+    volatile: Image,
     pending: Vec<(u64, Vec<u8>)>,
     ops: u64,
     cut_at: Option<u64>,
@@ -100,11 +184,16 @@ fn cut_error() -> io::Error {
 impl CrashDevice {
     /// A zero-filled device of `size` bytes.
     pub fn new(size: u64) -> CrashDevice {
-        CrashDevice::from_image(vec![0u8; size as usize])
+        CrashDevice::from_sparse(Image::zeroed(size))
     }
 
     /// A device holding `image`, all of it durable.
     pub fn from_image(image: Vec<u8>) -> CrashDevice {
+        CrashDevice::from_sparse(Image::from_bytes(&image))
+    }
+
+    /// A device holding `image`, all of it durable.
+    pub fn from_sparse(image: Image) -> CrashDevice {
         CrashDevice {
             inner: Arc::new(Mutex::new(Inner {
                 durable: image.clone(),
@@ -156,24 +245,32 @@ impl CrashDevice {
 
     /// What reads currently see.
     pub fn image(&self) -> Vec<u8> {
+        lock(&self.inner).volatile.to_bytes()
+    }
+
+    /// What reads currently see, sparse.
+    pub fn sparse_image(&self) -> Image {
         lock(&self.inner).volatile.clone()
     }
 
-    /// Change bytes in place, durably (simulated media corruption).
+    /// Change the 4 KiB block holding `off`, in place and durably (simulated
+    /// media corruption); `f` gets the block from `off` on.
     pub fn corrupt(&self, off: u64, f: impl Fn(&mut [u8])) {
         let mut g = lock(&self.inner);
-        let o = off as usize;
-        f(&mut g.volatile[o..]);
-        f(&mut g.durable[o..]);
+        let end = (off - off % BLK + BLK).min(g.volatile.size);
+        let mut b = vec![0u8; (end - off) as usize];
+        g.volatile.read(off, &mut b);
+        f(&mut b);
+        g.volatile.write(off, &b);
+        g.durable.write(off, &b);
     }
 
-    /// The image a disk could hold after the power cut, under `mode`.
-    pub fn after_power_cut(&self, mode: PowerCut) -> Vec<u8> {
+    /// A device holding what a disk could hold after the power cut, under
+    /// `mode` (all of it durable).
+    pub fn after_power_cut(&self, mode: PowerCut) -> CrashDevice {
         let g = lock(&self.inner);
         let mut img = g.durable.clone();
-        let apply = |img: &mut Vec<u8>, off: u64, data: &[u8]| {
-            img[off as usize..off as usize + data.len()].copy_from_slice(data);
-        };
+        let apply = |img: &mut Image, off: u64, data: &[u8]| img.write(off, data);
         match mode {
             PowerCut::SyncedOnly => {}
             PowerCut::AllWritten => {
@@ -203,7 +300,7 @@ impl CrashDevice {
                 }
             }
         }
-        img
+        CrashDevice::from_sparse(img)
     }
 
     /// Number of writes not yet made durable (including one in flight at a cut).
@@ -251,10 +348,10 @@ impl StoreIo for CrashIo {
         }
         let end = off
             .checked_add(buf.len() as u64)
-            .filter(|&e| e <= g.volatile.len() as u64);
+            .filter(|&e| e <= g.volatile.size);
         match end {
-            Some(end) => {
-                buf.copy_from_slice(&g.volatile[off as usize..end as usize]);
+            Some(_) => {
+                g.volatile.read(off, buf);
                 Ok(())
             }
             None => Err(io::Error::new(
@@ -268,12 +365,12 @@ impl StoreIo for CrashIo {
         let mut g = lock(&self.inner);
         let end = off
             .checked_add(buf.len() as u64)
-            .filter(|&e| e <= g.volatile.len() as u64);
-        let Some(end) = end else {
+            .filter(|&e| e <= g.volatile.size);
+        if end.is_none() {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-        };
+        }
         g.begin(Some((off, buf)))?;
-        g.volatile[off as usize..end as usize].copy_from_slice(buf);
+        g.volatile.write(off, buf);
         g.pending.push((off, buf.to_vec()));
         Ok(())
     }
@@ -283,12 +380,12 @@ impl StoreIo for CrashIo {
         g.begin(None)?;
         let pending = std::mem::take(&mut g.pending);
         for (off, data) in pending {
-            g.durable[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            g.durable.write(off, &data);
         }
         Ok(())
     }
 
     fn size(&self) -> u64 {
-        lock(&self.inner).volatile.len() as u64
+        lock(&self.inner).volatile.size
     }
 }

@@ -78,8 +78,9 @@ impl Model {
     }
 }
 
-/// Append an epoch writing `gpas` (data from `page_data`), updating the model
-/// only if the append commits.
+/// Append an epoch writing `gpas` (data from `page_data`). The model learns
+/// the epoch's contents before the append (a cut may still commit it); its
+/// running memory advances only if the append returns Ok.
 pub(crate) fn append(
     store: &mut Store,
     model: &mut Model,
@@ -98,13 +99,15 @@ pub(crate) fn append(
         freeze_us: epoch as u32,
         dirty_pages: gpas.len() as u64,
     };
+    let mut mem = model.mem.clone();
+    for (g, d) in &datas {
+        mem[*g as usize..*g as usize + PAGE].copy_from_slice(d);
+    }
+    model.epochs.insert(epoch, (mem.clone(), state.clone()));
     let mut it = datas.iter().map(|(g, d)| (*g, d.as_slice()));
     let info = store.append_epoch(&meta, &mut it, &state)?;
     assert_eq!(info.epoch, epoch);
-    for (g, d) in &datas {
-        model.mem[*g as usize..*g as usize + PAGE].copy_from_slice(d);
-    }
-    model.epochs.insert(epoch, (model.mem.clone(), state));
+    model.mem = mem;
     Ok(epoch)
 }
 
