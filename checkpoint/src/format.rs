@@ -313,12 +313,13 @@ impl Superblock {
             return Err("migration target precedes the log head".into());
         }
         let hs = self.home_state;
+        if (hs.slot != NO_SLOT) != (self.flags & FLAG_HOME_VALID != 0) {
+            return Err("home state reference and HOME_VALID disagree".into());
+        }
         if hs.slot != NO_SLOT {
             if hs.slot > 1 || hs.len > self.state.len / 2 - BLOCK || hs.epoch != self.home_epoch {
                 return Err("home state reference is invalid".into());
             }
-        } else if self.flags & FLAG_HOME_VALID != 0 {
-            return Err("home marked valid without a home state".into());
         }
         Ok(())
     }

@@ -177,7 +177,16 @@ fn scan_epoch(store: &Store, start: u64, expected: u64, budget: u64) -> Result<S
             ));
         }
         let plen = u64::from(h.payload_len);
-        if plen % BLOCK != 0 || pos + BLOCK + plen > log_len || consumed + BLOCK + plen > budget {
+        let max_payload = match h.kind {
+            K_PAGES | K_DISK => CHUNK_ENTRIES as u64 * PAGE_SIZE,
+            K_STATE => round_up(MAX_STATE_BYTES),
+            _ => 0,
+        };
+        if plen % BLOCK != 0
+            || plen > max_payload
+            || pos + BLOCK + plen > log_len
+            || consumed + BLOCK + plen > budget
+        {
             return Err(Stop::Bad(format!(
                 "record {seq} has an impossible length {plen}"
             )));

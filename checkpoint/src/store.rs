@@ -26,6 +26,17 @@ impl CreateOptions {
     pub fn store_bytes(&self) -> u64 {
         layout(self, [0; 16], 0).total_len
     }
+
+    /// The smallest log that always holds one epoch in which every page of
+    /// `mem_bytes` is dirty and the state is as large as allowed (with room
+    /// for a wrap). A log of twice this keeps older epochs for time travel.
+    pub fn log_bytes_for(mem_bytes: u64) -> u64 {
+        let pages = mem_bytes.div_ceil(PAGE_SIZE);
+        let index = pages.div_ceil(CHUNK_ENTRIES as u64) * BLOCK;
+        let wrap = BLOCK * (CHUNK_ENTRIES as u64 + 1);
+        round_up(pages * PAGE_SIZE + index + 4 * BLOCK + round_up(MAX_STATE_BYTES) + wrap)
+            .max(MIN_LOG_BYTES)
+    }
 }
 
 /// What the vmm tells the store about an epoch it appends.

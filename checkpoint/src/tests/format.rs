@@ -418,3 +418,19 @@ fn log_full_when_an_epoch_cannot_fit() {
     append(&mut store, &mut model, 1, &[4096], 8).unwrap();
     assert_eq!(model.verify(&reopen(&dev)), Some(2));
 }
+
+#[test]
+fn store_is_send_and_a_full_memory_epoch_fits_the_recommended_log() {
+    fn send<T: Send>() {}
+    send::<Store>();
+    let mem = 1 << 20;
+    let log = crate::CreateOptions::log_bytes_for(mem);
+    let (dev, mut store) = mem_store(mem, log);
+    store.set_rate_limit(Some(1 << 40));
+    let mut model = Model::new(mem);
+    let all: Vec<u64> = (0..mem / 4096).map(|i| i * 4096).collect();
+    for _ in 0..3 {
+        append(&mut store, &mut model, 5, &all, MAX_STATE_BYTES as usize).unwrap();
+    }
+    assert_eq!(model.verify(&reopen(&dev)), Some(3));
+}
