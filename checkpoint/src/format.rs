@@ -316,10 +316,10 @@ impl Superblock {
         if (hs.slot != NO_SLOT) != (self.flags & FLAG_HOME_VALID != 0) {
             return Err("home state reference and HOME_VALID disagree".into());
         }
-        if hs.slot != NO_SLOT {
-            if hs.slot > 1 || hs.len > self.state.len / 2 - BLOCK || hs.epoch != self.home_epoch {
-                return Err("home state reference is invalid".into());
-            }
+        if hs.slot != NO_SLOT
+            && (hs.slot > 1 || hs.len > self.state.len / 2 - BLOCK || hs.epoch != self.home_epoch)
+        {
+            return Err("home state reference is invalid".into());
         }
         Ok(())
     }
