@@ -14,10 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = args.next().map_or_else(std::env::temp_dir, Into::into);
     let mib: u64 = args.next().map_or(Ok(64), |s| s.parse())?;
     let path = dir.join(format!("append-bench-{}.evm", std::process::id()));
-    let mem_bytes = 4 * mib << 20;
+    let mem_bytes = (4 * mib) << 20;
     let opts = CreateOptions {
         mem_bytes,
-        log_bytes: 8 * mib << 20,
+        log_bytes: (8 * mib) << 20,
         config: b"bench".to_vec(),
     };
     let t = Instant::now();
