@@ -59,6 +59,9 @@ pub enum PowerCut {
     /// Every unsynced write, except that one (chosen by the seed) keeps only
     /// a prefix of its sectors.
     Torn(u64),
+    /// Every unsynced write, the last one (the one in flight at the cut)
+    /// keeping only its first `n` sectors.
+    TornLast(usize),
 }
 
 const BLK: u64 = 4096;
@@ -153,6 +156,7 @@ struct Inner {
     ops: u64,
     cut_at: Option<u64>,
     cut: bool,
+    cut_on_write: bool,
     faults: Vec<(u64, i32)>,
     writes: u64,
     syncs: u64,
@@ -202,6 +206,7 @@ impl CrashDevice {
                 ops: 0,
                 cut_at: None,
                 cut: false,
+                cut_on_write: false,
                 faults: Vec::new(),
                 writes: 0,
                 syncs: 0,
@@ -299,8 +304,30 @@ impl CrashDevice {
                     }
                 }
             }
+            PowerCut::TornLast(n) => {
+                let last = g.pending.len().saturating_sub(1);
+                for (i, (off, data)) in g.pending.iter().enumerate() {
+                    let keep = if i == last {
+                        (n * SECTOR).min(data.len())
+                    } else {
+                        data.len()
+                    };
+                    apply(&mut img, *off, &data[..keep]);
+                }
+            }
         }
         CrashDevice::from_sparse(img)
+    }
+
+    /// Length of the write that was in flight when the power was cut, if
+    /// the cut fell on a write.
+    pub fn cut_write_len(&self) -> Option<usize> {
+        let g = lock(&self.inner);
+        if g.cut && g.cut_on_write {
+            g.pending.last().map(|w| w.1.len())
+        } else {
+            None
+        }
     }
 
     /// Number of writes not yet made durable (including one in flight at a cut).
@@ -325,6 +352,7 @@ impl Inner {
         }
         if self.cut_at == Some(op) {
             self.cut = true;
+            self.cut_on_write = write.is_some();
             if let Some((off, data)) = write {
                 // The write was issued when the power went: it may have
                 // landed in part or whole (see PowerCut).
