@@ -10,6 +10,31 @@
 //! All I/O goes through [`StoreIo`]; the `testing` module (tests, or the
 //! `testing` feature) has a device that simulates power cuts and faults.
 //! This crate never depends on KVM.
+//!
+//! ```
+//! use checkpoint::{CreateOptions, EpochMeta, Store};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let path = std::env::temp_dir().join(format!("doc-{}.evm", std::process::id()));
+//! # let _ = std::fs::remove_file(&path);
+//! let opts = CreateOptions { mem_bytes: 1 << 20, log_bytes: 1 << 20, config: b"cfg".to_vec() };
+//! let mut store = Store::create(&path, &opts)?;
+//! // The first epoch after creation holds every non-zero page.
+//! let page = [0x5au8; 4096];
+//! let meta = EpochMeta { wall_time_ns: 0, freeze_us: 120, dirty_pages: 1 };
+//! let info = store.append_epoch(&meta, &mut std::iter::once((0x3000, &page[..])), b"vcpu state")?;
+//! assert_eq!(info.epoch, 1);
+//! drop(store);
+//!
+//! let store = Store::open(&path)?; // locks; recovers the newest committed epoch
+//! let epoch = store.last_epoch().expect("resumable");
+//! let mut mem = vec![0u8; store.mem_bytes() as usize];
+//! store.read_memory(epoch, &mut mem)?;
+//! assert_eq!(mem[0x3000], 0x5a);
+//! assert_eq!(store.read_state(epoch)?, b"vcpu state");
+//! # drop(store); std::fs::remove_file(&path)?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod crc;
 mod error;
