@@ -235,6 +235,13 @@ impl Guest {
             .arg("--initrd")
             .arg(&initrd)
             .args(args)
+            // Each test names its own store, or runs without one (the
+            // default store would carry state from one test to the next).
+            .args(if args.contains(&"--store") {
+                &[][..]
+            } else {
+                &["--no-store"][..]
+            })
             .env("EVM_TESTHOST_TIMEOUT", HARD_TIMEOUT_SECS.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -28,7 +28,8 @@ fn evm_run(args: &[&str], opts: &RunOptions<'_>) -> EvmRun {
 
 fn evm_run_with(bin: &Path, args: &[&str], opts: &RunOptions<'_>) -> EvmRun {
     let kernel = guest_image("vmlinuz");
-    let mut all = vec!["run"];
+    // Hermetic: refusals must not depend on (or create) the default store.
+    let mut all = vec!["run", "--no-store"];
     if !args.contains(&"--kernel") {
         all.extend(["--kernel", s(&kernel)]);
     }

@@ -95,6 +95,7 @@ fn drain(mut from: impl Read + Send + 'static) -> thread::JoinHandle<String> {
 fn evm_run(args: &[&str], timeout: Duration) -> Outcome {
     let mut child = Command::new(evm_bin())
         .arg("run")
+        .arg("--no-store")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

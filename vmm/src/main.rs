@@ -2,11 +2,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use vmm::config::{self, VmConfig};
-use vmm::vm::{self, RunEnd};
+use vmm::config;
+use vmm::epoch::{MAX_INTERVAL, MIN_INTERVAL};
+use vmm::persist::Flags;
+use vmm::vm::{self, RunEnd, RunOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,18 +24,23 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Boot a guest and attach its serial console to stdin/stdout.
+    /// Boot a guest, or resume it from its store, with its serial console
+    /// on stdin/stdout.
     ///
-    /// The console escape is Ctrl-A x (Ctrl-A Ctrl-A sends a Ctrl-A).
-    /// evm exits 0 when the guest powers off or reboots, or on the escape.
+    /// With a store (--store, or the default store), evm takes an epoch
+    /// every --interval and resumes from the last committed one on the next
+    /// run. The console escape is Ctrl-A x (Ctrl-A Ctrl-A sends a Ctrl-A);
+    /// it, SIGTERM and SIGINT commit a final epoch and exit 0. Guest
+    /// poweroff/reboot exit 0 and the next run boots again.
     Run(RunArgs),
 }
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Linux bzImage, or evm's probe guest image.
+    /// Linux bzImage, or evm's probe guest image (needed to create a store
+    /// or to run without one).
     #[arg(long, value_name = "BZIMAGE")]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
     /// Initramfs to load with the kernel.
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
@@ -40,35 +48,119 @@ struct RunArgs {
     /// "console=ttyS0 pci=off panic=-1 quiet"; for the probe guest: empty).
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
-    /// Guest memory (K, M, G, T suffixes).
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    mem: String,
-    /// Number of vCPUs (1 to 8).
-    #[arg(long, value_name = "N", default_value_t = 2)]
-    vcpus: u64,
+    /// Guest memory (K, M, G, T suffixes) [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<String>,
+    /// Number of vCPUs, 1 to 8 [default: 2].
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u64>,
     /// Raw disk image, exposed as virtio-blk (/dev/vda).
     #[arg(long, value_name = "IMG")]
     disk: Option<PathBuf>,
+    /// The store: a file or block device that holds the VM. Created if
+    /// absent (or all zeros); resumed from if it holds a committed epoch.
+    /// Default: $EVM_STORE, else ~/.local/share/evm/default.store.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_store")]
+    store: Option<PathBuf>,
+    /// Run without a store: nothing is saved.
+    #[arg(long)]
+    no_store: bool,
+    /// Time between epochs, 10ms to 10min (e.g. 500ms, 1s, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    interval: String,
+    /// Discard the saved machine state and boot again (the disk is kept).
+    #[arg(long)]
+    fresh: bool,
+}
+
+/// Parse `10ms`, `1s`, `2m`, `1.5s`.
+fn parse_interval(s: &str) -> anyhow::Result<Duration> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--interval {s}: not a duration (use e.g. 500ms, 1s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        _ => anyhow::bail!("--interval {s}: unknown unit {unit:?} (use ms, s or m)"),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        anyhow::bail!("--interval {s}: not a duration");
+    }
+    let d = Duration::from_secs_f64(secs);
+    if d < MIN_INTERVAL || d > MAX_INTERVAL {
+        anyhow::bail!("--interval {s}: must be between 10ms and 10min");
+    }
+    Ok(d)
+}
+
+fn default_store() -> PathBuf {
+    if let Some(p) = std::env::var_os("EVM_STORE") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    home.join(".local/share/evm/default.store")
 }
 
 fn run(args: RunArgs) -> anyhow::Result<RunEnd> {
-    let mem_bytes = config::parse_size(&args.mem)?;
-    let mem_bytes = config::check_mem(&args.mem, mem_bytes, config::host_ram())?;
-    let vcpus = config::check_vcpus(args.vcpus)?;
-    let cfg = VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        mem_bytes,
-        vcpus,
-        disk: args.disk,
+    let mem = match &args.mem {
+        Some(m) => {
+            let bytes = config::parse_size(m)?;
+            Some((m.clone(), config::check_mem(m, bytes, config::host_ram())?))
+        }
+        None => None,
     };
-    Ok(vm::run(&cfg)?)
+    let vcpus = args.vcpus.map(config::check_vcpus).transpose()?;
+    let interval = parse_interval(&args.interval)?;
+    let store = if args.no_store {
+        None
+    } else {
+        Some(args.store.unwrap_or_else(default_store))
+    };
+    let opts = RunOptions {
+        flags: Flags {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            mem,
+            vcpus,
+            disk: args.disk,
+        },
+        store,
+        interval,
+        fresh: args.fresh,
+    };
+    Ok(vm::run(&opts)?)
 }
 
 fn main() -> ExitCode {
     vmm::logger::init();
-    let cli = Cli::parse();
+    if let Err(e) = vmm::signals::block_stop_signals() {
+        eprintln!("evm: cannot block stop signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other evm error.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("evm: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Run(args) => run(args),
     };
@@ -81,5 +173,24 @@ fn main() -> ExitCode {
             eprintln!("evm: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_interval("10ms").unwrap(), Duration::from_millis(10));
+        assert_eq!(parse_interval("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_interval("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_interval("0").is_err());
+        assert!(parse_interval("9ms").is_err());
+        assert!(parse_interval("11m").is_err());
+        assert!(parse_interval("1h").is_err());
+        assert!(parse_interval("x").is_err());
+        assert!(parse_interval("-1s").is_err());
     }
 }

@@ -1,13 +1,23 @@
 //! vCPU threads: one per vCPU, each running `KVM_RUN` and routing port and
-//! MMIO exits through the buses. A vCPU is kicked out of `KVM_RUN` with
-//! `immediate_exit` plus a signal (the freeze of later issues builds on it).
+//! MMIO exits through the buses.
+//!
+//! A vCPU is stopped for a freeze the race-free way: the freezer raises
+//! `pause`, then signals the thread; the signal handler sets the thread's
+//! `kvm_run.immediate_exit`, so `KVM_RUN` returns `EINTR` whether the signal
+//! came during the run or just before it. Only at that `EINTR` does the
+//! thread park: by then KVM has completed any I/O the previous exit left
+//! pending, so the state it saves is architecturally consistent. Parked, the
+//! thread saves its own state (the `VcpuFd` is its own) and waits for the
+//! freezer to lower `pause`.
 
-use std::sync::Arc;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use devices::Bus;
+use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 /// Why the machine stops, as reported to the main thread.
@@ -19,6 +29,8 @@ pub enum VmEvent {
     Reset,
     /// The user typed the console escape.
     Escape,
+    /// SIGTERM, SIGINT or SIGHUP reached evm.
+    Signal(i32),
     /// Something failed; the message says what.
     Error(String),
 }
@@ -28,12 +40,121 @@ pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
 
-/// Install the (empty) kick handler; without it the signal would kill us.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer was taken from this thread's own VcpuFd,
+        // whose kvm_run mapping lives until the thread ends (the VcpuFd is
+        // owned by the thread's closure and the pointer is cleared before it
+        // is dropped). A volatile byte store is async-signal-safe.
+        let field = unsafe { std::ptr::addr_of_mut!((*run).immediate_exit) };
+        // SAFETY: `field` points into the live kvm_run mapping (see above).
+        unsafe { field.write_volatile(1) };
+    }
+}
+
+/// Install the kick handler; without it the signal would kill us.
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
 }
+
+/// The meeting point of vCPU threads and the freezer. `T` is what each
+/// parked vCPU leaves behind (its saved state).
+#[derive(Debug)]
+pub struct Pauser<T> {
+    inner: Mutex<PauseState<T>>,
+    cv: Condvar,
+}
+
+#[derive(Debug)]
+struct PauseState<T> {
+    pause: bool,
+    parked: usize,
+    finished: usize,
+    saved: Vec<Option<T>>,
+}
+
+/// Why a freeze could not stop every vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a vCPU thread has ended; the machine is stopping")]
+pub struct MachineEnding;
+
+impl<T> Pauser<T> {
+    /// For `count` vCPUs.
+    pub fn new(count: usize) -> Self {
+        Self {
+            inner: Mutex::new(PauseState {
+                pause: false,
+                parked: 0,
+                finished: 0,
+                saved: (0..count).map(|_| None).collect(),
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState<T>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ask every vCPU to park; the caller then kicks the threads and calls
+    /// `wait_parked`.
+    pub fn request(&self) {
+        self.lock().pause = true;
+    }
+
+    /// Wait until every vCPU is parked and return what each saved.
+    pub fn wait_parked(&self) -> Result<Vec<T>, MachineEnding> {
+        let mut g = self.lock();
+        let n = g.saved.len();
+        while g.parked + g.finished < n {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        if g.finished > 0 {
+            g.pause = false;
+            self.cv.notify_all();
+            return Err(MachineEnding);
+        }
+        Ok(g.saved.iter_mut().filter_map(Option::take).collect())
+    }
+
+    /// Let every parked vCPU run again.
+    pub fn release(&self) {
+        let mut g = self.lock();
+        g.pause = false;
+        self.cv.notify_all();
+    }
+
+    fn pause_requested(&self) -> bool {
+        self.lock().pause
+    }
+
+    fn park(&self, index: usize, saved: T) {
+        let mut g = self.lock();
+        if !g.pause {
+            return;
+        }
+        g.saved[index] = Some(saved);
+        g.parked += 1;
+        self.cv.notify_all();
+        while g.pause {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.parked -= 1;
+    }
+
+    fn finish(&self) {
+        self.lock().finished += 1;
+        self.cv.notify_all();
+    }
+}
+
+/// Saves a parked vCPU's state (runs on the vCPU's own thread).
+pub type SaveFn<T> = Arc<dyn Fn(&VcpuFd) -> T + Send + Sync>;
 
 /// A running vCPU thread.
 #[derive(Debug)]
@@ -46,63 +167,84 @@ impl VcpuThread {
     pub fn kick(&self) {
         use std::os::unix::thread::JoinHandleExt;
         // SAFETY: the pthread_t comes from a JoinHandle that has not been
-        // joined, so the thread (or its zombie) still exists; sending a
-        // signal for which a handler is installed has no other effect.
+        // joined, so the thread (or its zombie) still exists; the signal has
+        // a handler installed, so delivering it only sets immediate_exit.
         unsafe {
             libc::pthread_kill(self.handle.as_pthread_t(), kick_signal());
         }
     }
 }
 
+/// What a vCPU thread needs besides its `VcpuFd`.
+pub struct VcpuContext<T> {
+    /// Port-I/O bus.
+    pub pio: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    /// Set when the machine stops for good.
+    pub stop: Arc<AtomicBool>,
+    /// Where power-off, reset and errors are reported.
+    pub events: Sender<VmEvent>,
+    /// The freeze meeting point.
+    pub pauser: Arc<Pauser<T>>,
+    /// Saves the vCPU's state when it parks.
+    pub save: SaveFn<T>,
+}
+
+impl<T> std::fmt::Debug for VcpuContext<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VcpuContext")
+    }
+}
+
 /// Start vCPU `index` on its own thread.
-pub fn spawn(
+pub fn spawn<T: Send + 'static>(
     index: u8,
     mut vcpu: VcpuFd,
-    pio: Bus,
-    mmio: Bus,
-    stop: Arc<AtomicBool>,
-    events: Sender<VmEvent>,
+    ctx: VcpuContext<T>,
 ) -> std::io::Result<VcpuThread> {
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
-            let event = run_loop(index, &mut vcpu, &pio, &mmio, &stop);
+            KVM_RUN.with(|r| r.set(vcpu.get_kvm_run() as *mut kvm_run));
+            let event = run_loop(index, &mut vcpu, &ctx);
+            KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+            ctx.pauser.finish();
             if let Some(e) = event {
-                let _ = events.send(e);
+                let _ = ctx.events.send(e);
             }
         })?;
     Ok(VcpuThread { handle })
 }
 
-fn run_loop(
-    index: u8,
-    vcpu: &mut VcpuFd,
-    pio: &Bus,
-    mmio: &Bus,
-    stop: &AtomicBool,
-) -> Option<VmEvent> {
+fn run_loop<T>(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext<T>) -> Option<VmEvent> {
     loop {
-        if stop.load(Ordering::Acquire) {
+        if ctx.stop.load(Ordering::Acquire) {
             return None;
+        }
+        if ctx.pauser.pause_requested() {
+            // Park only at an EINTR exit (see the module comment): make the
+            // next KVM_RUN complete pending I/O and return at once.
+            vcpu.set_kvm_immediate_exit(1);
         }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                if !pio.read(port as u64, data) {
+                if !ctx.pio.read(port as u64, data) {
                     log::trace!("vcpu{index}: in from unmapped port {port:#x}");
                 }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                if !pio.write(port as u64, data) {
+                if !ctx.pio.write(port as u64, data) {
                     log::trace!("vcpu{index}: out to unmapped port {port:#x}");
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                if !mmio.read(addr, data) {
+                if !ctx.mmio.read(addr, data) {
                     log::debug!("vcpu{index}: read from unmapped MMIO {addr:#x}");
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if !mmio.write(addr, data) {
+                if !ctx.mmio.write(addr, data) {
                     log::debug!("vcpu{index}: write to unmapped MMIO {addr:#x}");
                 }
             }
@@ -140,6 +282,10 @@ fn run_loop(
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
+                if ctx.pauser.pause_requested() {
+                    let saved = (ctx.save)(vcpu);
+                    ctx.pauser.park(index as usize, saved);
+                }
             }
             Err(e) => {
                 return Some(VmEvent::Error(format!("vcpu{index}: KVM_RUN failed: {e}")));

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::mmio::{MMIO_SIZE, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::{MmioTransport, VirtioDevice, VirtioSubscriber};
+use devices::virtio::{MmioTransport, MmioTransportState, VirtioDevice, VirtioSubscriber};
 use devices::{Bus, GuestMem};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -63,14 +63,25 @@ impl EventLoop {
     }
 }
 
-/// Attach `devices` at consecutive virtio-mmio windows. Returns what the
-/// DSDT must describe and the event loop to start.
+/// The virtio devices of a running VM.
+#[derive(Debug)]
+pub struct Attached {
+    /// What the DSDT must describe.
+    pub described: Vec<MmioDevice>,
+    /// The transports, in window order (the freeze locks and saves them).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The event loop to start.
+    pub event_loop: EventLoop,
+}
+
+/// Attach `devices` at consecutive virtio-mmio windows, each fresh or
+/// restored from its saved transport state.
 pub fn attach(
     vm: &VmFd,
     mem: &GuestMem,
     mmio: &mut Bus,
-    devices: Vec<Box<dyn VirtioDevice>>,
-) -> Result<(Vec<MmioDevice>, EventLoop), VirtioError> {
+    devices: Vec<(Box<dyn VirtioDevice>, Option<&MmioTransportState>)>,
+) -> Result<Attached, VirtioError> {
     if devices.len() > VIRTIO_MAX_DEVICES as usize {
         return Err(VirtioError::TooMany);
     }
@@ -78,12 +89,16 @@ pub fn attach(
     let mut manager =
         EventManager::<Subscriber>::new().map_err(|e| VirtioError::EventLoop(format!("{e:?}")))?;
     let mut described = Vec::new();
-    for (i, dev) in devices.into_iter().enumerate() {
+    let mut transports = Vec::new();
+    for (i, (dev, saved)) in devices.into_iter().enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE;
         let gsi = VIRTIO_FIRST_GSI + i as u32;
         let name = dev.name().to_string();
-        let transport = MmioTransport::new(mem.clone(), dev)
-            .map_err(|e| VirtioError::Transport(name.clone(), e))?;
+        let transport = match saved {
+            None => MmioTransport::new(mem.clone(), dev),
+            Some(state) => MmioTransport::restore(mem.clone(), dev, state),
+        }
+        .map_err(|e| VirtioError::Transport(name.clone(), e))?;
         for (q, evt) in transport.queue_events().iter().enumerate() {
             vm.register_ioevent(
                 evt,
@@ -96,6 +111,7 @@ pub fn attach(
             .map_err(|e| VirtioError::Kvm("KVM_IRQFD", e))?;
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+        transports.push(transport.clone());
         let sub = VirtioSubscriber::new(transport)
             .map_err(|e| VirtioError::EventLoop(format!("{name}: {e}")))?;
         manager.add_subscriber(Arc::new(Mutex::new(sub)));
@@ -105,5 +121,9 @@ pub fn attach(
             gsi,
         });
     }
-    Ok((described, EventLoop { manager }))
+    Ok(Attached {
+        described,
+        transports,
+        event_loop: EventLoop { manager },
+    })
 }

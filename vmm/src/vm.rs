@@ -1,34 +1,44 @@
-//! Building the machine and running it until the guest powers off, resets,
-//! or the user quits.
+//! Building the machine — fresh from a kernel, or resumed from a store's
+//! last committed epoch — and running it until the guest powers off,
+//! resets, or the user stops it.
 
 use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use checkpoint::{CreateOptions, Store};
 use devices::legacy::{
     ACPI_POWER_BASE, ACPI_POWER_LEN, AcpiPower, I8042, I8042_BASE, I8042_LEN, PowerEvent,
 };
 use devices::serial::SerialPort;
 use devices::virtio::{Block, Rng, VirtioDevice};
+use devices::{Bus, GuestMem};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{COM1_BASE, COM1_GSI};
+use crate::boot::{self, BootError, ImageKind};
+use crate::console::{self, RawTerminal};
+use crate::cpu::{self, CpuError};
+use crate::epoch::Checkpointer;
+use crate::freeze::{self, DeviceStates, Freezer, ParkedState, Quiesce};
+use crate::host::{self, HostError};
+use crate::memory::{self, MemoryError};
+use crate::persist::{self, Flags, PersistError, StoredConfig};
+use crate::state::{self, MachineState};
+use crate::vcpu::{self, Pauser, VcpuContext, VmEvent};
+use crate::{acpi, cpuid, signals};
 
 /// The virtio-blk device id the guest reads with GET_ID.
 pub const DISK_ID: &str = "evm-disk0";
-use devices::{Bus, GuestMem};
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Kvm, VmFd};
-use vmm_sys_util::eventfd::EventFd;
-
-use crate::boot::{self, BootError, ImageKind};
-use crate::config::VmConfig;
-use crate::console::{self, RawTerminal};
-use crate::cpu::{self, CpuError};
-use crate::host::{self, HostError};
-use crate::memory::{self, MemoryError};
-use crate::vcpu::{self, VmEvent};
-use crate::{acpi, cpuid};
-
-use crate::acpi::{COM1_BASE, COM1_GSI};
+/// Default guest RAM when neither flags nor a store say.
+pub const DEFAULT_MEM: u64 = 512 << 20;
+/// Default vCPU count.
+pub const DEFAULT_VCPUS: u8 = 2;
 
 /// Errors building or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +62,7 @@ pub enum VmError {
     #[error("--disk {}", path.display())]
     Disk {
         /// The image.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// Why.
         #[source]
         source: devices::virtio::BlockError,
@@ -60,6 +70,38 @@ pub enum VmError {
     /// Attaching virtio devices failed.
     #[error(transparent)]
     Virtio(#[from] crate::virtio::VirtioError),
+    /// The store (its errors name the path).
+    #[error("{source}")]
+    Store {
+        /// The store.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: checkpoint::StoreError,
+    },
+    /// The store's path could not be examined or prepared.
+    #[error("--store {}", path.display())]
+    StorePath {
+        /// The store.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stored configuration.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    /// Saved machine state that cannot be restored.
+    #[error("cannot restore epoch {epoch}: {reason}")]
+    Restore {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// No kernel to boot.
+    #[error("--kernel is required to boot a new VM")]
+    NoKernel,
     /// A KVM VM-level ioctl failed.
     #[error("KVM: {what} failed")]
     Kvm {
@@ -91,8 +133,22 @@ pub enum RunEnd {
     PowerOff,
     /// The guest reset the machine.
     Reset,
-    /// The user typed the console escape.
-    Escape,
+    /// The user stopped evm (console escape or a signal); with a store, a
+    /// final epoch was committed.
+    Stopped,
+}
+
+/// What `evm run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Boot flags.
+    pub flags: Flags,
+    /// The store (`None`: an ephemeral VM).
+    pub store: Option<PathBuf>,
+    /// Epoch interval.
+    pub interval: Duration,
+    /// Discard the saved state and boot again.
+    pub fresh: bool,
 }
 
 fn power_handler(events: Sender<VmEvent>) -> devices::legacy::PowerHandler {
@@ -106,35 +162,49 @@ fn power_handler(events: Sender<VmEvent>) -> devices::legacy::PowerHandler {
     })
 }
 
-/// Everything checked before KVM is touched, so that bad input is reported
-/// the same way on every host.
-struct Inputs {
-    kind: ImageKind,
-    kernel: File,
-    initrd: Option<File>,
-    disk: Option<Block>,
+/// The boot configuration from flags alone (no store, or a new one).
+fn config_from_flags(flags: &Flags) -> Result<StoredConfig, VmError> {
+    let kernel = flags.kernel.clone().ok_or(VmError::NoKernel)?;
+    let kind = boot::detect(&kernel)?;
+    Ok(StoredConfig {
+        version: persist::CONFIG_VERSION,
+        kernel,
+        probe: kind == ImageKind::Probe,
+        initrd: flags.initrd.clone(),
+        cmdline: flags.cmdline.clone(),
+        mem_bytes: flags.mem.as_ref().map(|m| m.1).unwrap_or(DEFAULT_MEM),
+        vcpus: flags.vcpus.unwrap_or(DEFAULT_VCPUS),
+        disk: flags.disk.clone(),
+        cpu_features: Vec::new(),
+    })
 }
 
-fn open_inputs(config: &VmConfig) -> Result<Inputs, VmError> {
-    let kind = boot::detect(&config.kernel)?;
-    let kernel = File::open(&config.kernel).map_err(|e| BootError::Io(config.kernel.clone(), e))?;
-    let initrd = match &config.initrd {
+/// Files the boot needs, opened (and checked) before KVM is touched.
+struct BootFiles {
+    kernel: File,
+    initrd: Option<File>,
+}
+
+fn open_boot_files(cfg: &StoredConfig) -> Result<BootFiles, VmError> {
+    boot::detect(&cfg.kernel)?;
+    let kernel = File::open(&cfg.kernel).map_err(|e| BootError::Io(cfg.kernel.clone(), e))?;
+    let initrd = match &cfg.initrd {
         Some(p) => Some(File::open(p).map_err(|e| BootError::Io(p.clone(), e))?),
         None => None,
     };
-    let disk = match &config.disk {
-        Some(p) => Some(Block::new(p, false, DISK_ID).map_err(|e| VmError::Disk {
-            path: p.clone(),
-            source: e,
-        })?),
-        None => None,
-    };
-    Ok(Inputs {
-        kind,
-        kernel,
-        initrd,
-        disk,
-    })
+    Ok(BootFiles { kernel, initrd })
+}
+
+fn open_disk(cfg: &StoredConfig) -> Result<Option<Block>, VmError> {
+    cfg.disk
+        .as_ref()
+        .map(|p| {
+            Block::new(p, false, DISK_ID).map_err(|e| VmError::Disk {
+                path: p.clone(),
+                source: e,
+            })
+        })
+        .transpose()
 }
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
@@ -151,20 +221,178 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// Build the VM described by `config` and run it until it ends.
-pub fn run(config: &VmConfig) -> Result<RunEnd, VmError> {
-    let mut inputs = open_inputs(config)?;
+/// Size of the log ring of a new store for `mem_bytes` of RAM.
+pub fn default_log_bytes(mem_bytes: u64) -> u64 {
+    (mem_bytes * 2).max(256 << 20)
+}
+
+/// A store opened for the run, and what it holds.
+struct Opened {
+    store: Store,
+    config: StoredConfig,
+    /// The epoch to resume from, if any.
+    resume: Option<u64>,
+}
+
+fn store_err(path: &Path) -> impl FnOnce(checkpoint::StoreError) -> VmError + '_ {
+    move |source| VmError::Store {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn open_or_create_store(
+    path: &Path,
+    opts: &RunOptions,
+    supported: &kvm_bindings::CpuId,
+) -> Result<Opened, VmError> {
+    let blank = Store::is_blank(path).map_err(|e| VmError::StorePath {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    if blank {
+        let mut config = config_from_flags(&opts.flags)?;
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.exists()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| VmError::StorePath {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        }
+        config.cpu_features = persist::cpu_features(supported);
+        let create = CreateOptions {
+            mem_bytes: config.mem_bytes,
+            log_bytes: default_log_bytes(config.mem_bytes),
+            config: config.encode(),
+        };
+        let store = Store::create(path, &create).map_err(store_err(path))?;
+        log::info!("created store {}", path.display());
+        return Ok(Opened {
+            store,
+            config,
+            resume: None,
+        });
+    }
+    let mut store = Store::open(path).map_err(store_err(path))?;
+    let config = StoredConfig::decode(store.config())?;
+    persist::check_flags(&opts.flags, &config)?;
+    if let Some(note) = store.recovery_note() {
+        eprintln!("evm: --store {}: {note}", path.display());
+    }
+    if let Some(w) = store.superblock_warning() {
+        eprintln!("evm: --store {}: {w}", path.display());
+    }
+    let mut resume = if store.resumable() {
+        store.last_epoch()
+    } else {
+        None
+    };
+    if opts.fresh && resume.is_some() {
+        store.discard_machine_state().map_err(store_err(path))?;
+        resume = None;
+    }
+    if resume.is_some() {
+        persist::check_cpu(&config.cpu_features, supported)?;
+    }
+    Ok(Opened {
+        store,
+        config,
+        resume,
+    })
+}
+
+/// Build the VM described by `opts` and run it until it ends.
+pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
+    // Bad input is reported before anything is created.
+    let flag_config = match opts.flags.kernel {
+        Some(_) => {
+            let c = config_from_flags(&opts.flags)?;
+            open_boot_files(&c)?;
+            open_disk(&c)?;
+            Some(c)
+        }
+        None => None,
+    };
+    if opts.store.is_none() && flag_config.is_none() {
+        return Err(VmError::NoKernel);
+    }
     let kvm = host::open_kvm()?;
-    if inputs.kind == ImageKind::Linux && host::is_pvm() {
+    if let Some(c) = &flag_config
+        && !c.probe
+        && host::is_pvm()
+    {
+        return Err(HostError::PvmCannotRunKernel {
+            kvm: host::kvm_path(),
+            kernel: c.kernel.clone(),
+        }
+        .into());
+    }
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let opened = match &opts.store {
+        Some(path) => Some(open_or_create_store(path, opts, &supported)?),
+        None => None,
+    };
+    let config = match (&opened, flag_config) {
+        (Some(o), _) => o.config.clone(),
+        (None, Some(c)) => c,
+        (None, None) => return Err(VmError::NoKernel),
+    };
+    if !config.probe && host::is_pvm() {
         return Err(HostError::PvmCannotRunKernel {
             kvm: host::kvm_path(),
             kernel: config.kernel.clone(),
         }
         .into());
     }
-    let vm = create_vm(&kvm)?;
+    let resume = opened.as_ref().and_then(|o| o.resume);
+    let machine_state = match (resume, &opened) {
+        (Some(epoch), Some(o)) => {
+            let bytes = o
+                .store
+                .read_state(epoch)
+                .map_err(store_err(opts.store.as_deref().unwrap_or(Path::new(""))))?;
+            Some((
+                epoch,
+                state::decode(&bytes).map_err(|e| VmError::Restore {
+                    epoch,
+                    reason: e.to_string(),
+                })?,
+            ))
+        }
+        _ => None,
+    };
+    let boot_files = if machine_state.is_none() {
+        Some(open_boot_files(&config)?)
+    } else {
+        None
+    };
+    let disk = open_disk(&config)?;
+
+    let vm = Arc::new(create_vm(&kvm)?);
     let mem = memory::create(config.mem_bytes)?;
-    memory::register(&vm, &mem, false)?;
+    memory::register(&vm, &mem, opened.is_some())?;
+
+    let devices_saved: Option<DeviceStates> = match &machine_state {
+        Some((epoch, m)) => {
+            Some(
+                freeze::decode_devices(&m.devices).map_err(|e| VmError::Restore {
+                    epoch: *epoch,
+                    reason: format!("device state: {e}"),
+                })?,
+            )
+        }
+        None => None,
+    };
+    if let (Some((epoch, _)), Some(o)) = (&machine_state, &opened) {
+        restore_memory(&o.store, *epoch, &mem, config.mem_bytes).map_err(|e| VmError::Restore {
+            epoch: *epoch,
+            reason: e,
+        })?;
+    }
 
     let (events_tx, events_rx) = channel::<VmEvent>();
     let mut pio = Bus::new();
@@ -173,10 +401,15 @@ pub fn run(config: &VmConfig) -> Result<RunEnd, VmError> {
     let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Os("eventfd", e))?;
     vm.register_irqfd(&com1_irq, COM1_GSI)
         .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
-    let serial = Arc::new(Mutex::new(SerialPort::new(
-        com1_irq,
-        Box::new(std::io::stdout()),
-    )));
+    let serial = match &devices_saved {
+        Some(d) => SerialPort::from_state(&d.serial, com1_irq, Box::new(std::io::stdout()))
+            .map_err(|e| VmError::Restore {
+                epoch: resume.unwrap_or(0),
+                reason: e.to_string(),
+            })?,
+        None => SerialPort::new(com1_irq, Box::new(std::io::stdout())),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), COM1_BASE as u64, 8)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(power_handler(events_tx.clone())))),
@@ -188,118 +421,259 @@ pub fn run(config: &VmConfig) -> Result<RunEnd, VmError> {
         ACPI_POWER_BASE,
         ACPI_POWER_LEN,
     )?;
+
     let mut virtio_devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    if let Some(disk) = inputs.disk.take() {
+    if let Some(disk) = disk {
         virtio_devices.push(Box::new(disk));
     }
     virtio_devices.push(Box::new(Rng::new()));
-    let (described, event_loop) = crate::virtio::attach(&vm, &mem, &mut mmio, virtio_devices)?;
+    let saved_virtio: Vec<Option<&devices::virtio::MmioTransportState>> = match &devices_saved {
+        Some(d) => {
+            if d.virtio.len() != virtio_devices.len() {
+                return Err(VmError::Restore {
+                    epoch: resume.unwrap_or(0),
+                    reason: format!(
+                        "{} virtio devices saved, {} configured",
+                        d.virtio.len(),
+                        virtio_devices.len()
+                    ),
+                });
+            }
+            d.virtio.iter().map(Some).collect()
+        }
+        None => vec![None; virtio_devices.len()],
+    };
+    let attached = crate::virtio::attach(
+        &vm,
+        &mem,
+        &mut mmio,
+        virtio_devices.into_iter().zip(saved_virtio).collect(),
+    )?;
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
     let mut vcpus = Vec::new();
     for i in 0..config.vcpus {
         let vcpu = vm
             .create_vcpu(i as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let mut c = supported.clone();
-        cpuid::for_vcpu(&mut c, i, config.vcpus, tsc_deadline);
-        cpu::setup_common(&vcpu, i, &c)?;
+        if machine_state.is_none() {
+            let mut c = supported.clone();
+            cpuid::for_vcpu(&mut c, i, config.vcpus, tsc_deadline);
+            cpu::setup_common(&vcpu, i, &c)?;
+        }
         vcpus.push(vcpu);
     }
 
-    match inputs.kind {
-        ImageKind::Linux => {
-            let initrd = match (&config.initrd, inputs.initrd.as_mut()) {
-                (Some(p), Some(f)) => Some((p.as_path(), f)),
-                _ => None,
-            };
-            let boot = boot::linux::load(
-                &mem,
-                &config.kernel,
-                &mut inputs.kernel,
-                initrd,
-                config
-                    .cmdline
-                    .as_deref()
-                    .unwrap_or(boot::linux::DEFAULT_CMDLINE),
-                config.mem_bytes,
-            )?;
-            acpi::write_tables(&mem, config.vcpus, &described)?;
-            cpu::setup_linux_boot_cpu(&mem, &vcpus[0], boot.entry)?;
-        }
-        ImageKind::Probe => {
-            let probe_err = |source| BootError::Probe {
-                path: config.kernel.clone(),
-                source,
-            };
-            let boot = boot::probe::load(
-                &mem,
-                &mut inputs.kernel,
-                config.cmdline.as_deref().unwrap_or(""),
-                config.vcpus,
-            )
-            .map_err(probe_err)?;
-            for (i, vcpu) in vcpus.iter().enumerate() {
-                let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-                boot::probe::setup_vcpu(vcpu, &boot, i as u8, tsc_khz).map_err(probe_err)?;
+    match (&machine_state, boot_files) {
+        (Some((epoch, m)), _) => restore_cpus(&vm, &vcpus, m, *epoch)?,
+        (None, Some(mut files)) => {
+            if config.probe {
+                let probe_err = |source| BootError::Probe {
+                    path: config.kernel.clone(),
+                    source,
+                };
+                let boot = boot::probe::load(
+                    &mem,
+                    &mut files.kernel,
+                    config.cmdline.as_deref().unwrap_or(""),
+                    config.vcpus,
+                )
+                .map_err(probe_err)?;
+                for (i, vcpu) in vcpus.iter().enumerate() {
+                    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+                    boot::probe::setup_vcpu(vcpu, &boot, i as u8, tsc_khz).map_err(probe_err)?;
+                }
+            } else {
+                let initrd = match (&config.initrd, files.initrd.as_mut()) {
+                    (Some(p), Some(f)) => Some((p.as_path(), f)),
+                    _ => None,
+                };
+                let boot = boot::linux::load(
+                    &mem,
+                    &config.kernel,
+                    &mut files.kernel,
+                    initrd,
+                    config
+                        .cmdline
+                        .as_deref()
+                        .unwrap_or(boot::linux::DEFAULT_CMDLINE),
+                    config.mem_bytes,
+                )?;
+                acpi::write_tables(&mem, config.vcpus, &attached.described)?;
+                cpu::setup_linux_boot_cpu(&mem, &vcpus[0], boot.entry)?;
             }
         }
+        (None, None) => return Err(VmError::NoKernel),
+    }
+    if let Some(epoch) = resume {
+        log::info!("resumed from epoch {epoch}");
     }
 
-    event_loop
+    let quiesce = Quiesce {
+        serial: serial.clone(),
+        virtio: attached.transports.clone(),
+    };
+    attached
+        .event_loop
         .spawn()
         .map_err(|e| VmError::Os("virtio thread", e))?;
-    run_vcpus(vcpus, pio, mmio, serial, mem, events_tx, events_rx)
+    let running = Running {
+        vm,
+        mem,
+        pio,
+        mmio,
+        serial,
+        quiesce,
+        events_tx,
+        events_rx,
+        msrs: state::msr_indices_to_save(&kvm).map_err(|e| VmError::Run(e.to_string()))?,
+    };
+    running.run(vcpus, opened.map(|o| o.store), opts.interval)
 }
 
-fn run_vcpus(
-    vcpus: Vec<kvm_ioctls::VcpuFd>,
+/// Load the epoch's memory image into guest RAM.
+fn restore_memory(store: &Store, epoch: u64, mem: &GuestMem, mem_bytes: u64) -> Result<(), String> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let regions: Vec<_> = mem.iter().collect();
+    if regions.len() == 1 {
+        let r = regions[0];
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| e.to_string())?;
+        // SAFETY: the region is a live mapping of `r.len()` bytes owned by
+        // `mem`; no vCPU runs yet and no device thread exists, so nothing
+        // else accesses it while this slice lives.
+        let dst = unsafe { std::slice::from_raw_parts_mut(host, r.len() as usize) };
+        return store.read_memory(epoch, dst).map_err(|e| e.to_string());
+    }
+    // RAM split around the MMIO gap: the store holds it contiguously.
+    let mut all = vec![0u8; mem_bytes as usize];
+    store
+        .read_memory(epoch, &mut all)
+        .map_err(|e| e.to_string())?;
+    let mut off = 0usize;
+    for r in regions {
+        let len = r.len() as usize;
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| e.to_string())?;
+        // SAFETY: as above; `all[off..off + len]` is in bounds because the
+        // regions' lengths sum to `mem_bytes`.
+        unsafe { std::ptr::copy_nonoverlapping(all[off..].as_ptr(), host, len) };
+        off += len;
+    }
+    Ok(())
+}
+
+fn restore_cpus(vm: &VmFd, vcpus: &[VcpuFd], m: &MachineState, epoch: u64) -> Result<(), VmError> {
+    let fail = |reason: String| VmError::Restore { epoch, reason };
+    if m.vcpus.len() != vcpus.len() {
+        return Err(fail(format!(
+            "{} vCPUs saved, {} configured",
+            m.vcpus.len(),
+            vcpus.len()
+        )));
+    }
+    for (vcpu, s) in vcpus.iter().zip(&m.vcpus) {
+        state::restore_vcpu(vcpu, s).map_err(|e| fail(e.to_string()))?;
+    }
+    state::restore_vm(vm, &m.vm).map_err(|e| fail(e.to_string()))
+}
+
+/// A built machine about to run.
+struct Running {
+    vm: Arc<VmFd>,
+    mem: GuestMem,
     pio: Bus,
     mmio: Bus,
     serial: Arc<Mutex<SerialPort>>,
-    _mem: GuestMem,
+    quiesce: Quiesce,
     events_tx: Sender<VmEvent>,
     events_rx: std::sync::mpsc::Receiver<VmEvent>,
-) -> Result<RunEnd, VmError> {
-    vcpu::install_kick_handler().map_err(|e| {
-        VmError::Os(
-            "signal handler",
-            std::io::Error::from_raw_os_error(e.errno()),
-        )
-    })?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut terminal = RawTerminal::enter();
-    let mut threads = Vec::new();
-    for (i, vcpu) in vcpus.into_iter().enumerate() {
-        threads.push(
-            vcpu::spawn(
-                i as u8,
-                vcpu,
-                pio.clone(),
-                mmio.clone(),
-                stop.clone(),
-                events_tx.clone(),
+    msrs: Vec<u32>,
+}
+
+impl Running {
+    fn run(
+        self,
+        vcpus: Vec<VcpuFd>,
+        store: Option<Store>,
+        interval: Duration,
+    ) -> Result<RunEnd, VmError> {
+        vcpu::install_kick_handler().map_err(|e| {
+            VmError::Os(
+                "signal handler",
+                std::io::Error::from_raw_os_error(e.errno()),
             )
-            .map_err(|e| VmError::Os("vCPU thread", e))?,
-        );
-    }
-    console::spawn_pump(serial.clone()).map_err(|e| VmError::Os("console thread", e))?;
-    console::spawn_stdin(serial, events_tx).map_err(|e| VmError::Os("stdin thread", e))?;
-    let event = events_rx
-        .recv()
-        .unwrap_or_else(|_| VmEvent::Error("every vCPU thread ended".into()));
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    for t in &threads {
-        t.kick();
-    }
-    terminal.restore();
-    match event {
-        VmEvent::PowerOff => Ok(RunEnd::PowerOff),
-        VmEvent::Reset => Ok(RunEnd::Reset),
-        VmEvent::Escape => Ok(RunEnd::Escape),
-        VmEvent::Error(m) => Err(VmError::Run(m)),
+        })?;
+        signals::forward_stop_signals(self.events_tx.clone())
+            .map_err(|e| VmError::Os("signal thread", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let pauser: Arc<Pauser<ParkedState>> = Arc::new(Pauser::new(vcpus.len()));
+        let msrs = Arc::new(self.msrs);
+        let save: vcpu::SaveFn<ParkedState> =
+            Arc::new(move |v: &VcpuFd| state::save_vcpu(v, &msrs).map_err(|e| e.to_string()));
+        let mut terminal = RawTerminal::enter();
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            let ctx = VcpuContext {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                stop: stop.clone(),
+                events: self.events_tx.clone(),
+                pauser: pauser.clone(),
+                save: save.clone(),
+            };
+            let t = vcpu::spawn(i as u8, vcpu, ctx).map_err(|e| VmError::Os("vCPU thread", e))?;
+            threads.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        }
+        console::spawn_pump(self.serial.clone()).map_err(|e| VmError::Os("console thread", e))?;
+        console::spawn_stdin(self.serial.clone(), self.events_tx.clone())
+            .map_err(|e| VmError::Os("stdin thread", e))?;
+        let checkpointer = match store {
+            Some(store) => Some(
+                Checkpointer::spawn(
+                    Freezer {
+                        vm: self.vm.clone(),
+                        mem: self.mem.clone(),
+                        pauser: pauser.clone(),
+                        threads: threads.clone(),
+                        devices: self.quiesce.clone(),
+                    },
+                    store,
+                    interval,
+                )
+                .map_err(|e| VmError::Os("checkpoint thread", e))?,
+            ),
+            None => None,
+        };
+        let event = self
+            .events_rx
+            .recv()
+            .unwrap_or_else(|_| VmEvent::Error("every vCPU thread ended".into()));
+        let outcome = match (&event, checkpointer) {
+            (VmEvent::PowerOff | VmEvent::Reset, Some(c)) => c
+                .discard()
+                .map_err(|e| format!("marking the store powered off: {e}")),
+            (VmEvent::Escape | VmEvent::Signal(_), Some(c)) => c
+                .finish()
+                .map(|epoch| log::info!("final epoch {epoch} committed"))
+                .map_err(|e| {
+                    format!("final epoch failed: {e}; the store holds the last committed one")
+                }),
+            _ => Ok(()),
+        };
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        for t in threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            t.kick();
+        }
+        terminal.restore();
+        outcome.map_err(VmError::Run)?;
+        match event {
+            VmEvent::PowerOff => Ok(RunEnd::PowerOff),
+            VmEvent::Reset => Ok(RunEnd::Reset),
+            VmEvent::Escape | VmEvent::Signal(_) => Ok(RunEnd::Stopped),
+            VmEvent::Error(m) => Err(VmError::Run(m)),
+        }
     }
 }

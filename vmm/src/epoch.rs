@@ -1,0 +1,159 @@
+//! The epoch pipeline: every interval the checkpoint thread freezes the
+//! machine (`freeze`), then — with the guest running again — writes the
+//! epoch's pages and state to the store and commits it (`checkpoint`).
+//! One epoch is written at a time: if writing epoch N outlasts the
+//! interval, freeze N+1 waits and dirty logging keeps accumulating.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use checkpoint::{EpochMeta, Store};
+
+use crate::freeze::{Freezer, Frozen, PAGE};
+
+/// Shortest and longest epoch interval `--interval` accepts.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+/// See `MIN_INTERVAL`.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Orders for the checkpoint thread.
+#[derive(Debug)]
+pub enum Order {
+    /// Take an epoch now; reply with its number once committed.
+    Now(Sender<Result<u64, String>>),
+    /// Take a final epoch, commit it, and stop.
+    Final(Sender<Result<u64, String>>),
+    /// Stop without another epoch and mark the store as holding no machine
+    /// state (the guest powered off or reset).
+    Discard(Sender<Result<(), String>>),
+}
+
+/// Handle to the running checkpoint thread.
+#[derive(Debug)]
+pub struct Checkpointer {
+    orders: Sender<Order>,
+    handle: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Start taking an epoch every `interval`.
+    pub fn spawn(freezer: Freezer, store: Store, interval: Duration) -> std::io::Result<Self> {
+        let (tx, rx) = channel();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || run(freezer, store, interval, rx))?;
+        Ok(Self { orders: tx, handle })
+    }
+
+    fn ask<T>(&self, make: impl FnOnce(Sender<Result<T, String>>) -> Order) -> Result<T, String> {
+        let (tx, rx) = channel();
+        self.orders
+            .send(make(tx))
+            .map_err(|_| "the checkpoint thread has stopped".to_string())?;
+        rx.recv()
+            .map_err(|_| "the checkpoint thread has stopped".to_string())?
+    }
+
+    /// Take an epoch now and wait until it is committed.
+    pub fn checkpoint_now(&self) -> Result<u64, String> {
+        self.ask(Order::Now)
+    }
+
+    /// Take and commit a final epoch, then stop the thread.
+    pub fn finish(self) -> Result<u64, String> {
+        let r = self.ask(Order::Final);
+        let _ = self.handle.join();
+        r
+    }
+
+    /// Stop and mark the store as holding no machine state.
+    pub fn discard(self) -> Result<(), String> {
+        let r = self.ask(Order::Discard);
+        let _ = self.handle.join();
+        r
+    }
+}
+
+fn run(freezer: Freezer, mut store: Store, interval: Duration, orders: Receiver<Order>) {
+    let mut next = Instant::now() + interval;
+    let mut failing = false;
+    // Pages of an epoch whose write failed: it may be durable or not, so
+    // the next epoch (which reuses its number) must carry them again.
+    let mut carry: Vec<u64> = Vec::new();
+    loop {
+        let order = match orders.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(o) => Some(o),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        match order {
+            None => {
+                match take_epoch(&freezer, &mut store, &mut carry) {
+                    Ok(_) => {
+                        if failing {
+                            log::warn!("checkpoints are succeeding again");
+                        }
+                        failing = false;
+                    }
+                    Err(e) => {
+                        // Loud, and retried at the next interval; the last
+                        // committed epoch stays intact.
+                        log::error!("checkpoint failed: {e}; retrying in {interval:?}");
+                        failing = true;
+                        if e.contains("stopping") {
+                            return;
+                        }
+                    }
+                }
+                next = Instant::now() + interval;
+            }
+            Some(Order::Now(reply)) => {
+                let _ = reply.send(take_epoch(&freezer, &mut store, &mut carry));
+                next = Instant::now() + interval;
+            }
+            Some(Order::Final(reply)) => {
+                let _ = reply.send(take_epoch(&freezer, &mut store, &mut carry));
+                return;
+            }
+            Some(Order::Discard(reply)) => {
+                let _ = reply.send(store.discard_machine_state().map_err(|e| e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+/// Freeze, write, commit; log one line per epoch.
+fn take_epoch(freezer: &Freezer, store: &mut Store, carry: &mut Vec<u64>) -> Result<u64, String> {
+    let frozen: Frozen = freezer.freeze(carry).map_err(|e| e.to_string())?;
+    let meta = EpochMeta {
+        wall_time_ns: frozen.wall_time_ns,
+        freeze_us: frozen.freeze.as_micros().min(u32::MAX as u128) as u32,
+        dirty_pages: frozen.gpas.len() as u64,
+    };
+    let mut pages = frozen
+        .offsets
+        .iter()
+        .enumerate()
+        .map(|(i, off)| (*off, &frozen.data[i * PAGE..(i + 1) * PAGE]));
+    let info = match store.append_epoch(&meta, &mut pages, &frozen.state) {
+        Ok(info) => {
+            carry.clear();
+            info
+        }
+        Err(e) => {
+            *carry = frozen.gpas;
+            return Err(e.to_string());
+        }
+    };
+    log::info!(
+        "epoch {} committed: freeze {} µs, {} dirty pages, {:.1} MiB, commit {} µs",
+        info.epoch,
+        info.freeze_us,
+        info.dirty_pages,
+        info.bytes as f64 / (1 << 20) as f64,
+        info.commit_latency_us
+    );
+    Ok(info.epoch)
+}

@@ -1,0 +1,237 @@
+//! The freeze: stop every vCPU and device queue for a moment, take the
+//! epoch's dirty pages (KVM's log plus the VMM's own writes) and the whole
+//! machine's state, copy the dirty pages aside, and let the guest run again.
+//! Everything slow (writing, syncing) happens afterwards, in `epoch`.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use devices::GuestMem;
+use devices::serial::{SerialPort, SerialPortState};
+use devices::virtio::{MmioTransport, MmioTransportState};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::state::{self, MachineState, VcpuState};
+use crate::vcpu::{MachineEnding, Pauser, VcpuThread};
+
+/// Page size of dirty tracking.
+pub const PAGE: usize = 4096;
+
+/// Errors of a freeze.
+#[derive(Debug, thiserror::Error)]
+pub enum FreezeError {
+    /// The machine is stopping.
+    #[error(transparent)]
+    Ending(#[from] MachineEnding),
+    /// A vCPU could not save its state.
+    #[error("saving vCPU state: {0}")]
+    Vcpu(String),
+    /// Saving the VM-wide state failed.
+    #[error("saving VM state")]
+    Vm(#[source] state::StateError),
+    /// KVM's dirty log could not be read.
+    #[error("KVM_GET_DIRTY_LOG of slot {0}")]
+    DirtyLog(u32, #[source] kvm_ioctls::Error),
+}
+
+/// Every device's state, saved during the freeze.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceStates {
+    /// COM1.
+    pub serial: SerialPortState,
+    /// virtio-mmio transports, in window order.
+    pub virtio: Vec<MmioTransportState>,
+}
+
+/// What a vCPU leaves behind when it parks.
+pub type ParkedState = Result<VcpuState, String>;
+
+/// The devices the freeze quiesces (by holding their locks).
+#[derive(Debug, Clone)]
+pub struct Quiesce {
+    /// COM1.
+    pub serial: Arc<Mutex<SerialPort>>,
+    /// virtio-mmio transports; while one is locked no request is half done.
+    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+/// One frozen epoch, ready to be written while the guest runs on.
+#[derive(Debug)]
+pub struct Frozen {
+    /// Guest-physical address of each copied page.
+    pub gpas: Vec<u64>,
+    /// Offset of each copied page in the flat memory image the store keeps
+    /// (RAM above the MMIO gap follows RAM below it).
+    pub offsets: Vec<u64>,
+    /// The pages' contents, `PAGE` bytes each, in `gpas` order.
+    pub data: Vec<u8>,
+    /// The machine state, encoded.
+    pub state: Vec<u8>,
+    /// How long the vCPUs were stopped.
+    pub freeze: Duration,
+    /// Wall-clock time of the freeze.
+    pub wall_time_ns: u64,
+}
+
+/// Everything the freeze needs, shared with the machine.
+pub struct Freezer {
+    /// The VM (dirty log, VM-wide state).
+    pub vm: Arc<VmFd>,
+    /// Guest memory.
+    pub mem: GuestMem,
+    /// vCPU meeting point.
+    pub pauser: Arc<Pauser<ParkedState>>,
+    /// vCPU threads, to kick.
+    pub threads: Arc<Mutex<Vec<VcpuThread>>>,
+    /// Devices to quiesce and save.
+    pub devices: Quiesce,
+}
+
+impl std::fmt::Debug for Freezer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Freezer")
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Freezer {
+    /// Stop, capture, copy, resume. `carry` names pages that must be in
+    /// this epoch although they may not be dirty now (those of an epoch whose
+    /// write failed: it may or may not have reached the store).
+    pub fn freeze(&self, carry: &[u64]) -> Result<Frozen, FreezeError> {
+        let start = Instant::now();
+        let wall_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        self.pauser.request();
+        for t in lock(&self.threads).iter() {
+            t.kick();
+        }
+        let parked = self.pauser.wait_parked();
+        let result = parked
+            .map_err(FreezeError::from)
+            .and_then(|vcpus| self.capture(vcpus, carry));
+        self.pauser.release();
+        let (gpas, data, state) = result?;
+        Ok(Frozen {
+            offsets: gpas.iter().map(|g| image_offset(*g)).collect(),
+            gpas,
+            data,
+            state,
+            freeze: start.elapsed(),
+            wall_time_ns,
+        })
+    }
+
+    /// With every vCPU parked: quiesce devices, take dirty pages and state.
+    #[allow(clippy::type_complexity)]
+    fn capture(
+        &self,
+        vcpus: Vec<ParkedState>,
+        carry: &[u64],
+    ) -> Result<(Vec<u64>, Vec<u8>, Vec<u8>), FreezeError> {
+        let vcpus: Vec<VcpuState> = vcpus
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(FreezeError::Vcpu)?;
+        let serial = lock(&self.devices.serial);
+        let transports: Vec<_> = self.devices.virtio.iter().map(|t| lock(t)).collect();
+        let devices = DeviceStates {
+            serial: serial.state(),
+            virtio: transports.iter().map(|t| t.state()).collect(),
+        };
+        let vm = state::save_vm(&self.vm).map_err(FreezeError::Vm)?;
+        let (gpas, data) = self.copy_dirty(carry)?;
+        drop(transports);
+        drop(serial);
+        let machine = MachineState::new(vcpus, vm, encode_devices(&devices));
+        Ok((gpas, data, state::encode(&machine)))
+    }
+
+    /// Collect the epoch's dirty pages (KVM's log OR the VMM's bitmap) and
+    /// copy them into one buffer.
+    fn copy_dirty(&self, carry: &[u64]) -> Result<(Vec<u64>, Vec<u8>), FreezeError> {
+        let mut gpas = Vec::new();
+        for (slot, region) in self.mem.iter().enumerate() {
+            let len = region.len() as usize;
+            let kvm_log = self
+                .vm
+                .get_dirty_log(slot as u32, len)
+                .map_err(|e| FreezeError::DirtyLog(slot as u32, e))?;
+            let vmm_log = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            let base = region.start_addr().0;
+            let pages = len / PAGE;
+            for (w, word) in kvm_log.iter().enumerate() {
+                let mut bits = *word | vmm_log.get(w).copied().unwrap_or(0);
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let page = w * 64 + b;
+                    if page < pages {
+                        gpas.push(base + (page * PAGE) as u64);
+                    }
+                }
+            }
+        }
+        if !carry.is_empty() {
+            gpas.extend_from_slice(carry);
+            gpas.sort_unstable();
+            gpas.dedup();
+        }
+        let mut data = vec![0u8; gpas.len() * PAGE];
+        for (i, gpa) in gpas.iter().enumerate() {
+            let dst = &mut data[i * PAGE..(i + 1) * PAGE];
+            copy_page(&self.mem, *gpa, dst);
+        }
+        Ok((gpas, data))
+    }
+}
+
+/// Where the page at `gpa` lives in the store's flat memory image.
+pub fn image_offset(gpa: u64) -> u64 {
+    use crate::memory::{MMIO_GAP_END, MMIO_GAP_START};
+    if gpa >= MMIO_GAP_END {
+        gpa - (MMIO_GAP_END - MMIO_GAP_START)
+    } else {
+        gpa
+    }
+}
+
+/// Copy one guest page (without marking it dirty).
+fn copy_page(mem: &GuestMem, gpa: u64, dst: &mut [u8]) {
+    let Some(host) = host_ptr(mem, gpa) else {
+        return;
+    };
+    // SAFETY: `host` points at PAGE bytes inside a live guest-memory
+    // mapping (host_ptr checked the page lies in a region); vCPUs are
+    // parked and devices locked, so nothing writes it concurrently; `dst`
+    // is a distinct buffer of PAGE bytes.
+    unsafe { std::ptr::copy_nonoverlapping(host, dst.as_mut_ptr(), PAGE) };
+}
+
+/// Host address of the page at `gpa`, if all of it is guest RAM.
+pub fn host_ptr(mem: &GuestMem, gpa: u64) -> Option<*mut u8> {
+    let region = mem.find_region(vm_memory::GuestAddress(gpa))?;
+    let off = gpa - region.start_addr().0;
+    if off + PAGE as u64 > region.len() {
+        return None;
+    }
+    region
+        .get_host_address(vm_memory::MemoryRegionAddress(off))
+        .ok()
+}
+
+fn encode_devices(d: &DeviceStates) -> Vec<u8> {
+    // Plain structs of integers and vectors: serialisation cannot fail.
+    serde_json::to_vec(d).unwrap_or_default()
+}
+
+/// Decode the device blob of a machine state.
+pub fn decode_devices(b: &[u8]) -> Result<DeviceStates, serde_json::Error> {
+    serde_json::from_slice(b)
+}
