@@ -140,6 +140,7 @@ fn take_epoch(freezer: &Freezer, store: &mut Store, carry: &mut Vec<u64>) -> Res
     let info = match store.append_epoch(&meta, &mut pages, &frozen.state) {
         Ok(info) => {
             carry.clear();
+            freezer.recycle(frozen.data);
             info
         }
         Err(e) => {

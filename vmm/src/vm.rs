@@ -639,6 +639,7 @@ impl Running {
                         pauser: pauser.clone(),
                         threads: threads.clone(),
                         devices: self.quiesce.clone(),
+                        staging: Mutex::new(Vec::new()),
                     },
                     store,
                     interval,
