@@ -24,14 +24,17 @@ use std::time::{Duration, Instant};
 
 use evm_tests::TempDir;
 use evm_tests::evm_process::{
-    EpochLine, EvmProcess, Line, Seen, SplitMix64, Stream, field, final_epoch, number_from_env,
-    probe_elf, resumed_epoch, seed_from_env,
+    EpochLine, EvmProcess, Line, ProcessError, Seen, SplitMix64, Stream, field, final_epoch,
+    number_from_env, probe_elf, resumed_epoch, seed_from_env,
 };
 use evm_tests::host::{evm_bin, require_kvm};
 use evm_tests::lock::GuestLock;
 
 /// Longest wait for any one thing (a resume proving itself alive, an exit).
 const WAIT: Duration = Duration::from_secs(60);
+/// Kills land uniformly in this long after a resume proved alive: many
+/// epoch intervals, so every phase of the epoch cycle.
+const KILL_WITHIN: Duration = Duration::from_millis(700);
 /// "kill-9" in ASCII.
 const DEFAULT_SEED: u64 = 0x6b69_6c6c_2d39;
 const MEM: &str = "256M";
@@ -40,9 +43,12 @@ const ENV: &[(&str, &str)] = &[("EVM_LOG", "debug")];
 
 /// One chain's guest and epoch interval. Paced dirtying (a pass over a
 /// vCPU's slice takes 2 s, longer than `verify_every`) keeps a wrong page
-/// alive until the next verify; flat-out dirtying (`rate=0`) makes every
-/// epoch ~64 MiB, so kills land mid-write and the 512 MiB log
-/// (max(2 × mem, 256 MiB)) fills and migrates every few seconds.
+/// alive until the next verify even where the guest TSC is restored
+/// exactly (where it jumps across a resume, as on PVM, the probe verifies
+/// at once); flat-out dirtying (`rate=0`) makes every epoch the whole
+/// 32 MiB buffer, so kills land mid-write and the 512 MiB log
+/// (max(2 × mem, 256 MiB)) fills and migrates every few seconds. The
+/// buffer is small so that the verify after each resume is quick.
 #[derive(Debug)]
 struct Profile {
     name: &'static str,
@@ -50,6 +56,8 @@ struct Profile {
     interval: &'static str,
     interval_ms: u64,
     cmdline: &'static str,
+    /// Fills the log fast enough that aiming kills at migrations pays.
+    migrates: bool,
 }
 
 const PROFILES: [Profile; 4] = [
@@ -58,28 +66,32 @@ const PROFILES: [Profile; 4] = [
         vcpus: 1,
         interval: "50ms",
         interval_ms: 50,
-        cmdline: "dirty=128 rate=64 verify_every=1",
+        cmdline: "dirty=32 rate=16 verify_every=1",
+        migrates: false,
     },
     Profile {
         name: "2vcpu-paced",
         vcpus: 2,
         interval: "100ms",
         interval_ms: 100,
-        cmdline: "dirty=128 rate=64 verify_every=1",
+        cmdline: "dirty=32 rate=16 verify_every=1",
+        migrates: false,
     },
     Profile {
         name: "1vcpu-flat-out",
         vcpus: 1,
         interval: "100ms",
         interval_ms: 100,
-        cmdline: "dirty=64 rate=0 verify_every=1",
+        cmdline: "dirty=32 rate=0 verify_every=1",
+        migrates: true,
     },
     Profile {
         name: "2vcpu-flat-out",
         vcpus: 2,
         interval: "50ms",
         interval_ms: 50,
-        cmdline: "dirty=64 rate=0 verify_every=1",
+        cmdline: "dirty=32 rate=0 verify_every=1",
+        migrates: true,
     },
 ];
 
@@ -106,6 +118,11 @@ struct Tally {
     epochs: u64,
     max_freeze_us: u64,
     resumes_with_flags: u64,
+    /// Resumes that proved alive, and their summed times from launch to
+    /// evm's resume line and from launch to the last vCPU's verify.
+    alive: u64,
+    to_resumed: Duration,
+    to_alive: Duration,
 }
 
 impl Tally {
@@ -123,6 +140,9 @@ impl Tally {
         self.epochs += o.epochs;
         self.max_freeze_us = self.max_freeze_us.max(o.max_freeze_us);
         self.resumes_with_flags += o.resumes_with_flags;
+        self.alive += o.alive;
+        self.to_resumed += o.to_resumed;
+        self.to_alive += o.to_alive;
     }
 }
 
@@ -257,14 +277,20 @@ impl Chain<'_> {
                 Seen::No
             }
         });
-        r.map(|_| ()).map_err(|e| self.err(e))?;
+        let alive = r.map_err(|e| self.err(e))?;
         if let Some(n) = resumed_from {
             self.check_resumed(n, p)?;
+            let resumed_at = p.lines().iter().find(|l| resumed_epoch(&l.text).is_some());
+            self.tally.alive += 1;
+            self.tally.to_resumed += resumed_at.map_or(Duration::ZERO, |l| l.at - p.started());
+            self.tally.to_alive += alive.at - p.started();
         }
         Ok(())
     }
 
-    fn check_resumed(&mut self, n: u64, p: &EvmProcess) -> Result<(), String> {
+    /// Invariant 3: a resume is from the newest epoch any earlier run
+    /// reported committed, or a newer one.
+    fn check_resumed(&self, n: u64, p: &EvmProcess) -> Result<(), String> {
         if n < self.reported {
             return Err(self.err(format!(
                 "resumed from epoch {n}, but epoch {} was reported committed before the kill \
@@ -272,11 +298,6 @@ impl Chain<'_> {
                 self.reported,
                 p.tail()
             )));
-        }
-        if n == self.reported {
-            self.tally.resumed_reported += 1;
-        } else if n == self.reported + 1 {
-            self.tally.resumed_after_reported += 1;
         }
         Ok(())
     }
@@ -289,6 +310,15 @@ impl Chain<'_> {
         resumed: bool,
         killed_at: Option<Instant>,
     ) -> Result<(), String> {
+        // Before this run's own commit lines raise `reported`.
+        if let Some(n) = p.lines().iter().find_map(|l| resumed_epoch(&l.text)) {
+            self.check_resumed(n, p)?;
+            if n == self.reported {
+                self.tally.resumed_reported += 1;
+            } else if n == self.reported + 1 {
+                self.tally.resumed_after_reported += 1;
+            }
+        }
         let mut resumed_line = None;
         let mut migrating_at = None;
         let mut last_commit = None;
@@ -349,17 +379,75 @@ impl Chain<'_> {
         Ok(())
     }
 
-    /// SIGKILL after a random delay, reap, account.
-    fn kill_after(
-        &mut self,
-        p: &mut EvmProcess,
-        delay: Duration,
-        resumed: bool,
-    ) -> Result<(), String> {
-        thread::sleep(delay);
+    /// SIGKILL at `at` (or now, if that has passed), reap, account.
+    fn kill_at(&mut self, p: &mut EvmProcess, at: Instant, resumed: bool) -> Result<(), String> {
+        thread::sleep(at.saturating_duration_since(Instant::now()));
         let at = Instant::now();
         p.kill().map_err(|e| self.err(e))?;
         self.account(p, resumed, Some(at))
+    }
+
+    /// Reads on until a stderr line for which `pred` holds (checking every
+    /// line on the way); returns when it arrived, or `None` if none came
+    /// within `within` (not a failure: the kill then lands where it lands).
+    fn wait_stderr(
+        &self,
+        p: &mut EvmProcess,
+        what: &str,
+        within: Duration,
+        pred: fn(&str) -> bool,
+    ) -> Result<Option<Instant>, String> {
+        let r = p.wait_for(what, within, |l| {
+            if let Some(bad) = bad_probe_line(l, true) {
+                Seen::Bad(bad)
+            } else if l.stream == Stream::Stderr && pred(&l.text) {
+                Seen::Yes
+            } else {
+                Seen::No
+            }
+        });
+        match r {
+            Ok(l) => Ok(Some(l.at)),
+            Err(ProcessError::Timeout { .. }) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// One resume and one kill, aimed at a phase chosen by the seed.
+    fn cycle(&mut self) -> Result<(), String> {
+        let args = self.resume_args();
+        let mut p = self.spawn(&args)?;
+        let spawned = Instant::now();
+        let aim = self.rng.below(10);
+        if aim < 2 {
+            // While evm opens the store and restores the machine (or just
+            // after): no wait for a sign of life.
+            let delay = self.rng.duration(Duration::ZERO, Duration::from_secs(1));
+            return self.kill_at(&mut p, spawned + delay, true);
+        }
+        self.wait_alive(&mut p, true)?;
+        let now = Instant::now();
+        let at = if aim < 4 {
+            // Into the next freeze: evm starts it one interval after the
+            // last epoch's commit.
+            let interval = Duration::from_millis(self.profile.interval_ms);
+            let jitter = self.rng.duration(Duration::ZERO, Duration::from_millis(10));
+            let commit = self.wait_stderr(&mut p, "an epoch's commit line", WAIT, |t| {
+                EpochLine::parse(t).is_some()
+            })?;
+            commit.map_or(now, |c| c + interval + jitter)
+        } else if aim < 6 && self.profile.migrates {
+            // Into a migration of committed epochs into home.
+            let jitter = self.rng.duration(Duration::ZERO, Duration::from_millis(80));
+            let started =
+                self.wait_stderr(&mut p, "a migration", Duration::from_secs(20), |t| {
+                    t.contains("migrating through epoch")
+                })?;
+            started.map_or(now, |m| m + jitter)
+        } else {
+            now + self.rng.duration(Duration::ZERO, KILL_WITHIN)
+        };
+        self.kill_at(&mut p, at, true)
     }
 
     fn run(&mut self, cycles: u64, stop: &AtomicBool) -> Result<(), String> {
@@ -367,30 +455,14 @@ impl Chain<'_> {
         // the first kill.
         let mut p = self.spawn(&self.boot_args())?;
         self.wait_alive(&mut p, false)?;
-        let delay = self
-            .rng
-            .duration(Duration::ZERO, Duration::from_millis(1500));
-        self.kill_after(&mut p, delay, false)?;
+        let at = Instant::now() + self.rng.duration(Duration::ZERO, KILL_WITHIN);
+        self.kill_at(&mut p, at, false)?;
         for cycle in 1..=cycles {
             if stop.load(Ordering::Relaxed) {
                 return Err(self.err("stopped: another chain failed"));
             }
             self.cycle = cycle;
-            let args = self.resume_args();
-            let mut p = self.spawn(&args)?;
-            if self.rng.chance(1, 8) {
-                // Mid-restore (or just after): no wait for a sign of life.
-                let delay = self
-                    .rng
-                    .duration(Duration::ZERO, Duration::from_millis(400));
-                self.kill_after(&mut p, delay, true)?;
-            } else {
-                self.wait_alive(&mut p, true)?;
-                let delay = self
-                    .rng
-                    .duration(Duration::ZERO, Duration::from_millis(1500));
-                self.kill_after(&mut p, delay, true)?;
-            }
+            self.cycle()?;
             if cycle % 25 == 0 {
                 eprintln!(
                     "[{}] cycle {cycle}/{cycles}: newest epoch {}, {:?}",
@@ -520,12 +592,12 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
     let mut total = Tally::default();
     let mut failures = Vec::new();
     eprintln!(
-        "\nchain            kills restore migrate freeze±5ms writing between resumed=last/+1 epochs migrations max-freeze time"
+        "\nchain            kills restore migrate freeze±5ms writing between resumed=last/+1 epochs migrations max-freeze resumed alive time"
     );
     for (name, took, t, r) in &results {
         total.add(t);
         eprintln!(
-            "{name:<16} {:>5} {:>7} {:>7} {:>11} {:>7} {:>7} {:>9}/{:<4} {:>6} {:>10} {:>7}µs {:.0?}",
+            "{name:<16} {:>5} {:>7} {:>7} {:>11} {:>7} {:>7} {:>9}/{:<4} {:>6} {:>10} {:>8}µs {:>5}ms {:>4}ms {:.0?}",
             t.kills,
             t.in_restore,
             t.in_migration,
@@ -537,6 +609,8 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
             t.epochs,
             t.migrations,
             t.max_freeze_us,
+            t.to_resumed.as_millis() / u128::from(t.alive.max(1)),
+            t.to_alive.as_millis() / u128::from(t.alive.max(1)),
             took
         );
         if let Err(e) = r {
