@@ -10,6 +10,8 @@
 //!   process group if the test panics.
 //! - [`evm`]: one `target/release/evm` run with a timeout, optionally as an
 //!   unprivileged user; temporary directories.
+//! - [`store_file`]: an evm store file read and damaged from outside (its
+//!   superblocks, config and log records, per `checkpoint/README.md`).
 //! - [`lock`]: real-guest tests take a file lock so that only one runs at a
 //!   time, whatever the test runner does.
 
@@ -18,6 +20,7 @@ pub mod evm_process;
 pub mod guest;
 pub mod host;
 pub mod lock;
+pub mod store_file;
 
 pub use evm::{EvmRun, NOBODY, RunOptions, TempDir, is_root, run_evm};
 pub use guest::{Guest, HarnessError, Ready};
