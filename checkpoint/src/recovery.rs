@@ -104,7 +104,6 @@ pub(crate) fn recover(store: &mut Store) -> Result<(), StoreError> {
             reason,
             fell_back_to: store.last_epoch(),
         };
-        log::warn!("{}: {n}", store.path.display());
         store.recovery = Some(n);
     }
     Ok(())

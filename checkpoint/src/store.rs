@@ -207,6 +207,51 @@ fn prefix_blank(file: &File, size: u64) -> std::io::Result<bool> {
     Ok(b.iter().all(|&x| x == 0))
 }
 
+/// True if every byte of the regular file is zero. Holes are skipped with
+/// SEEK_DATA/SEEK_HOLE, so a sparse file is checked at once; data extents
+/// are read (a file that merely starts with zeros is not blank).
+fn file_blank(file: &File, size: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let fd = file.as_raw_fd();
+    let seek = |off: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own has no memory effects.
+        let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            // No SEEK_DATA here: treat everything as data.
+            Some(libc::EINVAL) => Ok(Some(off)),
+            _ => Err(e),
+        }
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let Some(data) = seek(off, libc::SEEK_DATA)? else {
+            return Ok(true);
+        };
+        let end = match seek(data, libc::SEEK_HOLE)? {
+            Some(h) if h > data => h.min(size),
+            _ => size,
+        };
+        let mut at = data;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)?;
+            if buf[..n].iter().any(|&x| x != 0) {
+                return Ok(false);
+            }
+            at += n as u64;
+        }
+        off = end;
+    }
+    Ok(true)
+}
+
 impl Store {
     /// Create a store at `path`: a file that does not exist yet (created and
     /// preallocated), or an existing regular file or block device whose first
@@ -267,10 +312,12 @@ impl Store {
                 .map_err(|e| StoreError::io(path, "stat", e))?
                 .len()
         };
-        if !created
-            && !prefix_blank(&file, size)
-                .map_err(|e| StoreError::io(path, "read the first 8 KiB", e))?
-        {
+        let blank = if block {
+            prefix_blank(&file, size)
+        } else {
+            file_blank(&file, size)
+        };
+        if !created && !blank.map_err(|e| StoreError::io(path, "check that it is blank", e))? {
             return Err(StoreError::NotBlank { path: path.into() });
         }
         if block {
@@ -426,19 +473,20 @@ impl Store {
         Ok(file)
     }
 
-    /// True if `path` is missing, or its first 8 KiB (or all of it, if
-    /// shorter) are zero: no store there.
+    /// True if `path` holds no store and nothing else: missing, a regular
+    /// file that is all zeros (holes or zero bytes), or a block device whose
+    /// first 8 KiB are zero.
     pub fn is_blank(path: &Path) -> std::io::Result<bool> {
         let file = match File::open(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
             r => r?,
         };
-        let size = if io::is_block_device(&file)? {
-            io::block_device_size(&file)?
-        } else {
-            file.metadata()?.len()
-        };
-        prefix_blank(&file, size)
+        if io::is_block_device(&file)? {
+            let size = io::block_device_size(&file)?;
+            return prefix_blank(&file, size);
+        }
+        let size = file.metadata()?.len();
+        file_blank(&file, size)
     }
 
     fn open_inner(path: &Path, io: Box<dyn StoreIo>, read_only: bool) -> Result<Store, StoreError> {
@@ -649,7 +697,6 @@ pub(crate) fn read_superblocks(
                 name(good),
                 sb.generation
             );
-            log::warn!("{}: {w}", path.display());
             Ok((sb, Some(w)))
         }
         (Err(SbProblem::NoMagic), Err(SbProblem::NoMagic)) => {

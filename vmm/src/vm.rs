@@ -71,13 +71,15 @@ pub enum VmError {
     #[error(transparent)]
     Virtio(#[from] crate::virtio::VirtioError),
     /// The store (its errors name the path).
-    #[error("{source}")]
-    Store {
+    #[error(transparent)]
+    Store(checkpoint::StoreError),
+    /// The stored configuration disagrees with the flags or the host.
+    #[error("--store {}: {error}", path.display())]
+    StoreConfig {
         /// The store.
         path: PathBuf,
-        /// Why.
-        #[source]
-        source: checkpoint::StoreError,
+        /// Why (not a `source`: the message already holds it).
+        error: PersistError,
     },
     /// The store's path could not be examined or prepared.
     #[error("--store {}", path.display())]
@@ -234,11 +236,8 @@ struct Opened {
     resume: Option<u64>,
 }
 
-fn store_err(path: &Path) -> impl FnOnce(checkpoint::StoreError) -> VmError + '_ {
-    move |source| VmError::Store {
-        path: path.to_path_buf(),
-        source,
-    }
+fn store_err(_path: &Path) -> impl FnOnce(checkpoint::StoreError) -> VmError {
+    VmError::Store
 }
 
 fn open_or_create_store(
@@ -276,8 +275,15 @@ fn open_or_create_store(
         });
     }
     let mut store = Store::open(path).map_err(store_err(path))?;
-    let config = StoredConfig::decode(store.config())?;
-    persist::check_flags(&opts.flags, &config)?;
+    let config = StoredConfig::decode(store.config()).map_err(|error| VmError::StoreConfig {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let config_err = |error| VmError::StoreConfig {
+        path: path.to_path_buf(),
+        error,
+    };
+    persist::check_flags(&opts.flags, &config).map_err(config_err)?;
     if let Some(note) = store.recovery_note() {
         eprintln!("evm: --store {}: {note}", path.display());
     }
@@ -294,7 +300,7 @@ fn open_or_create_store(
         resume = None;
     }
     if resume.is_some() {
-        persist::check_cpu(&config.cpu_features, supported)?;
+        persist::check_cpu(&config.cpu_features, supported).map_err(config_err)?;
     }
     Ok(Opened {
         store,

@@ -185,3 +185,22 @@ fn discard_zeroes_home_on_a_real_file() {
         "home kept pages from before the discard"
     );
 }
+
+#[test]
+fn a_file_that_only_starts_with_zeros_is_not_blank_and_is_left_alone() {
+    let dir = TempDir::new();
+    // Zeros first, then data far past the first 8 KiB (and after a hole).
+    let path = dir.path("zero-prefixed.txt");
+    let mut bytes = vec![0u8; 3 << 20];
+    bytes.extend_from_slice(b"precious data after three zero MiB\n");
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(!Store::is_blank(&path).unwrap());
+    let err = Store::create(&path, &file_opts()).unwrap_err();
+    assert!(matches!(err, StoreError::NotBlank { .. }), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    // A sparse file of any size (what a test host attaches) is blank.
+    let sparse = dir.path("sparse.img");
+    let f = std::fs::File::create(&sparse).unwrap();
+    f.set_len(1 << 30).unwrap();
+    assert!(Store::is_blank(&sparse).unwrap());
+}
