@@ -117,6 +117,8 @@ struct Tally {
     fallbacks: u64,
     epochs: u64,
     max_freeze_us: u64,
+    /// The longest freeze of a run's first epoch (after boot or resume).
+    max_first_freeze_us: u64,
     resumes_with_flags: u64,
     /// Resumes that proved alive, and their summed times from launch to
     /// evm's resume line and from launch to the last vCPU's verify.
@@ -139,6 +141,7 @@ impl Tally {
         self.fallbacks += o.fallbacks;
         self.epochs += o.epochs;
         self.max_freeze_us = self.max_freeze_us.max(o.max_freeze_us);
+        self.max_first_freeze_us = self.max_first_freeze_us.max(o.max_first_freeze_us);
         self.resumes_with_flags += o.resumes_with_flags;
         self.alive += o.alive;
         self.to_resumed += o.to_resumed;
@@ -329,7 +332,12 @@ impl Chain<'_> {
             if let Some(e) = EpochLine::parse(&l.text) {
                 self.reported = self.reported.max(e.epoch);
                 self.tally.epochs += 1;
-                self.tally.max_freeze_us = self.tally.max_freeze_us.max(e.freeze_us);
+                if last_commit.is_none() {
+                    self.tally.max_first_freeze_us =
+                        self.tally.max_first_freeze_us.max(e.freeze_us);
+                } else {
+                    self.tally.max_freeze_us = self.tally.max_freeze_us.max(e.freeze_us);
+                }
                 last_commit = Some(l.at);
             }
             if let Some(n) = final_epoch(&l.text) {
@@ -592,12 +600,12 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
     let mut total = Tally::default();
     let mut failures = Vec::new();
     eprintln!(
-        "\nchain            kills restore migrate freeze±5ms writing between resumed=last/+1 epochs migrations max-freeze resumed alive time"
+        "\nchain            kills restore migrate freeze±5ms writing between resumed=last/+1 epochs migrations max-freeze first/later resumed alive time"
     );
     for (name, took, t, r) in &results {
         total.add(t);
         eprintln!(
-            "{name:<16} {:>5} {:>7} {:>7} {:>11} {:>7} {:>7} {:>9}/{:<4} {:>6} {:>10} {:>8}µs {:>5}ms {:>4}ms {:.0?}",
+            "{name:<16} {:>5} {:>7} {:>7} {:>11} {:>7} {:>7} {:>9}/{:<4} {:>6} {:>10} {:>8}/{:<8}µs {:>5}ms {:>4}ms {:.0?}",
             t.kills,
             t.in_restore,
             t.in_migration,
@@ -608,6 +616,7 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
             t.resumed_after_reported,
             t.epochs,
             t.migrations,
+            t.max_first_freeze_us,
             t.max_freeze_us,
             t.to_resumed.as_millis() / u128::from(t.alive.max(1)),
             t.to_alive.as_millis() / u128::from(t.alive.max(1)),
