@@ -14,7 +14,7 @@
 //! on timing; a run that prints nothing useful for 60 s fails with its
 //! output attached. Without `/dev/kvm` these tests fail, never skip.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +35,8 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Kills land uniformly in this long after a resume proved alive: many
 /// epoch intervals, so every phase of the epoch cycle.
 const KILL_WITHIN: Duration = Duration::from_millis(700);
+/// Earlier runs whose output a failure shows.
+const PREV_TAILS: usize = 3;
 /// "kill-9" in ASCII.
 const DEFAULT_SEED: u64 = 0x6b69_6c6c_2d39;
 const MEM: &str = "256M";
@@ -49,6 +51,9 @@ const ENV: &[(&str, &str)] = &[("EVM_LOG", "debug")];
 /// 32 MiB buffer, so kills land mid-write and the 512 MiB log
 /// (max(2 × mem, 256 MiB)) fills and migrates every few seconds. The
 /// buffer is small so that the verify after each resume is quick.
+/// Intervals of 50 and 100 ms put many kills in or near a freeze; one
+/// chain uses the shortest interval evm accepts (10 ms), where freezes
+/// follow each other closely.
 #[derive(Debug)]
 struct Profile {
     name: &'static str,
@@ -72,8 +77,8 @@ const PROFILES: [Profile; 4] = [
     Profile {
         name: "2vcpu-paced",
         vcpus: 2,
-        interval: "100ms",
-        interval_ms: 100,
+        interval: "10ms",
+        interval_ms: 10,
         cmdline: "dirty=32 rate=16 verify_every=1",
         migrates: false,
     },
@@ -192,10 +197,17 @@ struct Chain<'a> {
     reported: u64,
     cycle: u64,
     tally: Tally,
+    /// The ends of the last runs' output, oldest first (one of them wrote
+    /// the epoch that the current run resumes from), for failure messages.
+    prev_tails: VecDeque<String>,
 }
 
 impl Chain<'_> {
     fn err(&self, what: impl std::fmt::Display) -> String {
+        let mut what = what.to_string();
+        for (i, tail) in self.prev_tails.iter().rev().enumerate() {
+            what.push_str(&format!("\n--- {} run(s) before it ---\n{tail}", i + 1));
+        }
         fail(self.seed, self.profile.name, self.cycle, what)
     }
 
@@ -384,6 +396,10 @@ impl Chain<'_> {
                 )));
             }
         }
+        if self.prev_tails.len() == PREV_TAILS {
+            self.prev_tails.pop_front();
+        }
+        self.prev_tails.push_back(p.tail());
         Ok(())
     }
 
@@ -573,6 +589,7 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
                         reported: 0,
                         cycle: 0,
                         tally: Tally::default(),
+                        prev_tails: VecDeque::new(),
                     };
                     let r = chain.run(cycles, &stop);
                     if r.is_err() {
