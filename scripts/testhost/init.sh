@@ -56,6 +56,14 @@ for serial in $TH_DISKS; do
     done
     [ -n "$found" ] || fail "disk with serial $serial did not appear"
     ln -sf "$found" "/dev/disk/by-id/virtio-$serial"
+    # A device node at the path the run asked for (TH_NODE_<serial>): the
+    # same name on every run, so paths that evm stores stay valid.
+    eval "node=\${TH_NODE_$serial:-}"
+    if [ -n "$node" ]; then
+        IFS=: read -r major minor <"/sys/block/${found#/dev/}/dev"
+        mkdir -p "$(dirname "$node")" && mknod "$node" b "$major" "$minor" ||
+            fail "cannot make device node $node for disk $serial"
+    fi
 done
 
 # The stderr channel.
@@ -80,11 +88,29 @@ exec 3<>/dev/ttyS0
 stty raw -echo -echonl -iexten -ixon -ixoff -icrnl -opost -isig cs8 -parenb clocal <&3 ||
     fail "stty on ttyS0 failed"
 
-# Signals from the host: "SIG TERM" and the like, forwarded to the command.
+# What the command's threads are doing (for a run that seems stuck): each
+# thread's state, wait channel, current system call and kernel stack, then
+# the end of L1's kernel log, as "EVM-TH INFO" lines.
+dump_cmd() {
+    p=$(cat /run/cmd.pid 2>/dev/null) || return
+    echo "EVM-TH INFO load $(cat /proc/loadavg)"
+    for t in /proc/"$p"/task/*; do
+        [ -d "$t" ] || continue
+        echo "EVM-TH INFO thread ${t##*/} $(cat "$t/comm" 2>/dev/null)" \
+            "state=$(cut -d' ' -f3 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)" \
+            "syscall=$(cat "$t/syscall" 2>/dev/null)"
+        sed 's/^/EVM-TH INFO     /' "$t/stack" 2>/dev/null
+    done
+    dmesg | tail -n 15 | sed 's/^/EVM-TH INFO dmesg /'
+}
+
+# Control lines from the host: "SIG TERM" and the like, forwarded to the
+# command; "DUMP" for dump_cmd.
 (
     while read -r word arg; do
         case "$word" in
         SIG) [ -r /run/cmd.pid ] && kill -s "$arg" "$(cat /run/cmd.pid)" ;;
+        DUMP) dump_cmd >/dev/ttyS1 ;;
         esac
     done </dev/ttyS1
 ) 3>&- &

@@ -10,20 +10,23 @@ powers off.  Channels between this machine and L1:
     virtio port <-  socketpair "err"  the command's stderr
     monitor         unix socket mon.sock in the run folder
 
-Disk files reach L1 as virtio-blk disks (serial evmN, cache=none) and are
-named /dev/disk/by-id/virtio-evmN there.
+Disk files reach L1 as virtio-blk disks (serial evmN, cache=none), named
+/dev/disk/by-id/virtio-evmN there and, when the run asks, by a block device
+node at a chosen path (scripts/run uses /host/<the file's path here>).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import re
 import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import termios
@@ -93,6 +96,35 @@ def supports_odirect(path: Path) -> bool:
     return True
 
 
+def locked_by_another(path: Path) -> bool:
+    """True if some process holds a lock on `path` (QEMU locks its images)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fmt = "hhqqi4x"  # struct flock on x86_64
+        res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, struct.pack(fmt, fcntl.F_WRLCK, 0, 0, 0, 0))
+        return struct.unpack(fmt, res)[0] != fcntl.F_UNLCK
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def wait_disks_free(disks: list["Disk"], timeout: float = 30.0) -> None:
+    """Wait until no other process (a test host killed a moment ago, still
+    being torn down) holds a lock on one of the disk files."""
+    deadline = time.monotonic() + timeout
+    for d in disks:
+        if not d.path.is_file():
+            continue
+        while locked_by_another(d.path):
+            if time.monotonic() > deadline:
+                raise TesthostError(f"{d.path} is locked by another program (another QEMU still using it?)")
+            time.sleep(0.05)
+
+
 @dataclass
 class Disk:
     """A file or block device of this machine attached to L1."""
@@ -100,6 +132,7 @@ class Disk:
     path: Path
     serial: str
     readonly: bool = False
+    node: str | None = None  # where L1's init makes the device node (a real node, not a symlink)
 
     def qemu_args(self, index: int) -> list[str]:
         cache = "none" if supports_odirect(self.path) else "writethrough"
@@ -114,7 +147,7 @@ class Disk:
 
     @property
     def l1_path(self) -> str:
-        return f"/dev/disk/by-id/virtio-{self.serial}"
+        return self.node or f"/dev/disk/by-id/virtio-{self.serial}"
 
 
 @dataclass
@@ -145,6 +178,7 @@ class Testhost:
         self.machine = os.environ.get("EVM_TESTHOST_MACHINE", "pc")
         self.qemu = os.environ.get("EVM_TESTHOST_QEMU", "qemu-system-x86_64")
         self.pending_signal: int | None = None
+        self.dump_requested = False  # SIGUSR1: ask L1 what the command's threads do
         self.forwarded = False
         self.rundir: Path | None = None
         self.start = time.monotonic()
@@ -168,7 +202,13 @@ class Testhost:
             c.file(l1_path, host.read_bytes(), 0o755 if os.access(host, os.X_OK) else 0o644)
         c.file(
             "testhost/run.env",
-            run_env(self.spec.argv, [d.serial for d in self.spec.disks], self.spec.env, self.spec.mode),
+            run_env(
+                self.spec.argv,
+                [d.serial for d in self.spec.disks],
+                self.spec.env,
+                self.spec.mode,
+                {d.serial: d.node for d in self.spec.disks if d.node},
+            ),
         )
         initrd = self.rundir / "initrd"
         with open(initrd, "wb") as out:
@@ -250,8 +290,10 @@ class Testhost:
     def run(self) -> int:
         initrd = self.prepare()
         assert self.rundir is not None
+        wait_disks_free(self.spec.disks)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_dump)
         try:
             for attempt in (1, 2):
                 att = Attempt(self, initrd, attempt)
@@ -277,6 +319,9 @@ class Testhost:
 
     def _on_signal(self, signum: int, _frame) -> None:
         self.pending_signal = signum
+
+    def _on_dump(self, _signum: int, _frame) -> None:
+        self.dump_requested = True
 
 
 def restore_terminal() -> None:
@@ -404,6 +449,13 @@ class Attempt:
             if rc is not None:
                 break
             now = time.monotonic()
+            if th.dump_requested:
+                th.dump_requested = False
+                if self.started.is_set():
+                    try:
+                        self.socks["ctl"].sendall(b"DUMP\n")
+                    except OSError:
+                        pass
             if th.pending_signal is not None:
                 sig = th.pending_signal
                 th.pending_signal = None
@@ -531,6 +583,8 @@ class Attempt:
                 self.fail_msg = f"bad exit line: {line}"
         elif word == "FAIL":
             self.fail_msg = rest
+        elif word == "INFO":
+            say(f"L1: {rest}")
 
     def _stdin_pump(self) -> None:
         con = self.socks["con"]
