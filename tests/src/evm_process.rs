@@ -6,8 +6,10 @@
 //! test host: the probe runs on this machine's own `/dev/kvm`.
 //!
 //! Also here: the probe image ([`probe_elf`]), a small seeded generator for
-//! reproducible kill instants ([`SplitMix64`], [`seed_from_env`]), and the
-//! parsers of evm's checkpoint log lines ([`EpochLine`], [`resumed_epoch`]).
+//! reproducible kill instants ([`SplitMix64`], [`seed_from_env`]), the
+//! parsers of evm's checkpoint log lines ([`EpochLine`], [`resumed_epoch`])
+//! and of the probe's lines ([`probe_failure`], [`verified_vcpu`],
+//! [`last_counts`]).
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
@@ -302,6 +304,21 @@ impl EvmProcess {
         }
     }
 
+    /// [`EvmProcess::wait_for`], but running out of time is not an error:
+    /// `Ok(None)`.
+    pub fn wait_maybe(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl FnMut(&Line) -> Seen,
+    ) -> Result<Option<Line>, ProcessError> {
+        match self.wait_for(what, timeout, pred) {
+            Ok(l) => Ok(Some(l)),
+            Err(ProcessError::Timeout { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sends `signal` to evm (nothing if it has already been reaped).
     pub fn signal(&mut self, signal: i32) -> Result<(), ProcessError> {
         if self.status.is_some() || self.child.try_wait().ok().flatten().is_some() {
@@ -561,6 +578,51 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.parse().ok())
+}
+
+/// Why a line ends a probe kill test at once, wherever it is seen: a
+/// failed verify or a probe error; the probe ending (it dirties until
+/// stopped); a boot instead of a resume (`resumed`); an error from evm.
+pub fn probe_failure(l: &Line, resumed: bool) -> Option<String> {
+    if l.stream == Stream::Stdout {
+        if l.text.contains("VERIFY FAIL") || l.text.contains("PROBE ERROR") {
+            return Some(format!("the probe says: {}", l.text));
+        }
+        if !l.partial && l.text.starts_with("PROBE DONE") {
+            return Some("the probe ended (it dirties until stopped)".into());
+        }
+        if resumed && !l.partial && l.text.starts_with("PROBE READY") {
+            return Some("the guest booted again instead of resuming".into());
+        }
+    } else if l.text.starts_with("evm: error:") {
+        return Some(format!("evm logged an error: {}", l.text));
+    }
+    None
+}
+
+/// `Some(vcpu)` for a whole periodic-verify line `PROBE VERIFY OK pages=n vcpu=i`.
+pub fn verified_vcpu(l: &Line) -> Option<u64> {
+    if l.stream == Stream::Stdout && !l.partial && l.text.starts_with("PROBE VERIFY OK ") {
+        field(&l.text, "vcpu")
+    } else {
+        None
+    }
+}
+
+/// The latest `PROBE count vcpu=<i> at=<c>` per vCPU among `lines`.
+pub fn last_counts(lines: &[Line], vcpus: u64) -> Vec<Option<u64>> {
+    let mut at = vec![None; vcpus as usize];
+    for l in lines {
+        if l.stream == Stream::Stdout
+            && !l.partial
+            && l.text.starts_with("PROBE count vcpu=")
+            && let (Some(v), Some(c)) = (field(&l.text, "vcpu"), field(&l.text, "at"))
+            && let Some(slot) = at.get_mut(v as usize)
+        {
+            *slot = Some(c);
+        }
+    }
+    at
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use evm_tests::TempDir;
 use evm_tests::evm_process::{
-    EpochLine, EvmProcess, Line, ProcessError, Seen, SplitMix64, Stream, field, final_epoch,
-    number_from_env, probe_elf, resumed_epoch, seed_from_env,
+    EpochLine, EvmProcess, Seen, SplitMix64, Stream, field, final_epoch, last_counts,
+    number_from_env, probe_elf, probe_failure, resumed_epoch, seed_from_env, verified_vcpu,
 };
 use evm_tests::host::{evm_bin, require_kvm};
 use evm_tests::lock::GuestLock;
@@ -132,58 +132,9 @@ struct Tally {
     to_alive: Duration,
 }
 
-impl Tally {
-    fn add(&mut self, o: &Tally) {
-        self.kills += o.kills;
-        self.in_restore += o.in_restore;
-        self.in_migration += o.in_migration;
-        self.near_freeze += o.near_freeze;
-        self.mid_write += o.mid_write;
-        self.between += o.between;
-        self.resumed_reported += o.resumed_reported;
-        self.resumed_after_reported += o.resumed_after_reported;
-        self.migrations += o.migrations;
-        self.fallbacks += o.fallbacks;
-        self.epochs += o.epochs;
-        self.max_freeze_us = self.max_freeze_us.max(o.max_freeze_us);
-        self.max_first_freeze_us = self.max_first_freeze_us.max(o.max_first_freeze_us);
-        self.resumes_with_flags += o.resumes_with_flags;
-        self.alive += o.alive;
-        self.to_resumed += o.to_resumed;
-        self.to_alive += o.to_alive;
-    }
-}
-
 /// A failure, with what is needed to reproduce it.
 fn fail(seed: u64, chain: &str, cycle: u64, what: impl std::fmt::Display) -> String {
     format!("EVM_KILL_SEED={seed:#x} chain {chain} cycle {cycle}: {what}")
-}
-
-/// Whole stdout lines of the probe that end a test at once, wherever seen.
-fn bad_probe_line(l: &Line, resumed: bool) -> Option<String> {
-    if l.stream == Stream::Stdout {
-        if l.text.contains("VERIFY FAIL") || l.text.contains("PROBE ERROR") {
-            return Some(format!("the probe says: {}", l.text));
-        }
-        if !l.partial && l.text.starts_with("PROBE DONE") {
-            return Some("the probe ended (it dirties until stopped)".into());
-        }
-        if resumed && !l.partial && l.text.starts_with("PROBE READY") {
-            return Some("the guest booted again instead of resuming".into());
-        }
-    } else if l.text.starts_with("evm: error:") {
-        return Some(format!("evm logged an error: {}", l.text));
-    }
-    None
-}
-
-/// `Some(vcpu)` for a whole periodic-verify line `PROBE VERIFY OK pages=n vcpu=i`.
-fn verified_vcpu(l: &Line) -> Option<u64> {
-    if l.stream == Stream::Stdout && !l.partial && l.text.starts_with("PROBE VERIFY OK ") {
-        field(&l.text, "vcpu")
-    } else {
-        None
-    }
 }
 
 struct Chain<'a> {
@@ -270,7 +221,7 @@ impl Chain<'_> {
         };
         let mut ready = false;
         let r = p.wait_for(what, WAIT, |l| {
-            if let Some(bad) = bad_probe_line(l, resumed) {
+            if let Some(bad) = probe_failure(l, resumed) {
                 return Seen::Bad(bad);
             }
             if let Some(v) = verified_vcpu(l) {
@@ -338,7 +289,7 @@ impl Chain<'_> {
         let mut migrating_at = None;
         let mut last_commit = None;
         for l in p.lines() {
-            if let Some(bad) = bad_probe_line(l, resumed) {
+            if let Some(bad) = probe_failure(l, resumed) {
                 return Err(self.err(format!("{bad}\n{}", p.tail())));
             }
             if let Some(e) = EpochLine::parse(&l.text) {
@@ -411,9 +362,9 @@ impl Chain<'_> {
         self.account(p, resumed, Some(at))
     }
 
-    /// Reads on until a stderr line for which `pred` holds (checking every
-    /// line on the way); returns when it arrived, or `None` if none came
-    /// within `within` (not a failure: the kill then lands where it lands).
+    /// Reads on (checking every line) until a stderr line for which
+    /// `pred` holds; returns when it arrived, or `None` if none came within
+    /// `within` (not a failure: the kill then lands where it lands).
     fn wait_stderr(
         &self,
         p: &mut EvmProcess,
@@ -421,20 +372,17 @@ impl Chain<'_> {
         within: Duration,
         pred: fn(&str) -> bool,
     ) -> Result<Option<Instant>, String> {
-        let r = p.wait_for(what, within, |l| {
-            if let Some(bad) = bad_probe_line(l, true) {
+        p.wait_maybe(what, within, |l| {
+            if let Some(bad) = probe_failure(l, true) {
                 Seen::Bad(bad)
             } else if l.stream == Stream::Stderr && pred(&l.text) {
                 Seen::Yes
             } else {
                 Seen::No
             }
-        });
-        match r {
-            Ok(l) => Ok(Some(l.at)),
-            Err(ProcessError::Timeout { .. }) => Ok(None),
-            Err(e) => Err(self.err(e)),
-        }
+        })
+        .map(|l| l.map(|l| l.at))
+        .map_err(|e| self.err(e))
     }
 
     /// One resume and one kill, aimed at a phase chosen by the seed.
@@ -614,13 +562,11 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
         }
     });
     let results = std::mem::take(&mut *results.lock().expect("results"));
-    let mut total = Tally::default();
     let mut failures = Vec::new();
     eprintln!(
         "\nchain            kills restore migrate freeze±5ms writing between resumed=last/+1 epochs migrations max-freeze first/later resumed alive time"
     );
     for (name, took, t, r) in &results {
-        total.add(t);
         eprintln!(
             "{name:<16} {:>5} {:>7} {:>7} {:>11} {:>7} {:>7} {:>9}/{:<4} {:>6} {:>10} {:>8}/{:<8}µs {:>5}ms {:>4}ms {:.0?}",
             t.kills,
@@ -643,35 +589,17 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
             failures.push(e.clone());
         }
     }
+    let sum = |f: fn(&Tally) -> u64| results.iter().map(|r| f(&r.2)).sum::<u64>();
+    let kills = sum(|t| t.kills);
     eprintln!(
-        "total: {} kill points in {:.0?} (seed {seed:#x}); {} resumes repeated the boot flags; {} 'falling back' lines",
-        total.kills,
+        "total: {kills} kill points in {:.0?} (seed {seed:#x}); {} resumes repeated the boot flags; {} 'falling back' lines",
         start.elapsed(),
-        total.resumes_with_flags,
-        total.fallbacks
+        sum(|t| t.resumes_with_flags),
+        sum(|t| t.fallbacks)
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert!(
-        total.kills >= 4 * cycles,
-        "only {} kill points for {cycles} cycles per chain",
-        total.kills
-    );
-}
-
-/// The latest `PROBE count vcpu=<i> at=<c>` per vCPU among `lines`.
-fn last_counts(lines: &[Line], vcpus: u64) -> Vec<Option<u64>> {
-    let mut at = vec![None; vcpus as usize];
-    for l in lines {
-        if l.stream == Stream::Stdout
-            && !l.partial
-            && l.text.starts_with("PROBE count vcpu=")
-            && let (Some(v), Some(c)) = (field(&l.text, "vcpu"), field(&l.text, "at"))
-            && let Some(slot) = at.get_mut(v as usize)
-        {
-            *slot = Some(c);
-        }
-    }
-    at
+    let want = PROFILES.len() as u64 * cycles;
+    assert!(kills >= want, "only {kills} kill points, want {want}");
 }
 
 fn store_args(store: &Path, extra: &[&str]) -> Vec<String> {
@@ -687,7 +615,7 @@ fn store_args(store: &Path, extra: &[&str]) -> Vec<String> {
 fn wait_counts(p: &mut EvmProcess, vcpus: u64, n: u64, resumed: bool) {
     let mut seen = vec![0u64; vcpus as usize];
     p.wait_for("PROBE count lines from every vCPU", WAIT, |l| {
-        if let Some(bad) = bad_probe_line(l, resumed) {
+        if let Some(bad) = probe_failure(l, resumed) {
             return Seen::Bad(bad);
         }
         if l.stream == Stream::Stdout
