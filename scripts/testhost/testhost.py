@@ -380,6 +380,8 @@ class Attempt:
         self.user_stop = False  # ended by a signal or a closed stdout, not a fault
         self.exit_rc: int | None = None
         self.fail_msg: str | None = None
+        self.mon: Path | None = None
+        self.info_lines = 0  # EVM-TH INFO lines received (answers to DUMP)
         self.socks: dict[str, socket.socket] = {}
         self.threads: list[threading.Thread] = []
 
@@ -397,6 +399,7 @@ class Attempt:
             mon = None
         elif mon.exists():
             mon.unlink()
+        self.mon = mon
         argv = th.qemu_argv(self.initrd, fds, mon)
         (th.rundir / "qemu.argv").write_text("\n".join(argv) + "\n")
         qlog = open(th.rundir / f"qemu-{self.number}.log", "wb")
@@ -456,6 +459,7 @@ class Attempt:
                         self.socks["ctl"].sendall(b"DUMP\n")
                     except OSError:
                         pass
+                    self._spawn(self._check_dump, proc.pid, self.info_lines)
             if th.pending_signal is not None:
                 sig = th.pending_signal
                 th.pending_signal = None
@@ -529,6 +533,29 @@ class Attempt:
             for line in lines:
                 say(f"  {name}: {line.rstrip()}")
 
+    def _check_dump(self, qemu_pid: int, info_before: int) -> None:
+        """If L1 does not answer a DUMP within a few seconds, say how busy
+        QEMU is and what L1's CPUs are doing (QEMU's monitor)."""
+        time.sleep(6)
+        if self.info_lines > info_before:
+            return
+        say("L1 did not answer the dump request within 6 s")
+        try:
+            def cpu() -> int:
+                f = Path(f"/proc/{qemu_pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return int(f[11]) + int(f[12])
+            a = cpu()
+            time.sleep(2)
+            ticks = os.sysconf("SC_CLK_TCK")
+            say(f"QEMU (pid {qemu_pid}) used {(cpu() - a) / ticks:.2f} s of CPU in the last 2 s")
+        except (OSError, ValueError, IndexError):
+            pass
+        if self.mon is not None:
+            for cmd in ("info cpus", "info registers -a"):
+                for line in monitor(self.mon, cmd).splitlines():
+                    if line.strip():
+                        say(f"L1 monitor: {line.rstrip()}")
+
     # ---- threads -----------------------------------------------------
     def _pump(self, sock: socket.socket, fd: int) -> None:
         alive = True
@@ -584,6 +611,7 @@ class Attempt:
         elif word == "FAIL":
             self.fail_msg = rest
         elif word == "INFO":
+            self.info_lines += 1
             say(f"L1: {rest}")
 
     def _stdin_pump(self) -> None:
@@ -604,6 +632,35 @@ class Attempt:
                 con.sendall(data)
             except OSError:
                 return
+
+
+def monitor(path: Path, cmd: str, timeout: float = 5.0) -> str:
+    """One command on QEMU's human monitor socket; its output (or why not)."""
+    out = b""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            deadline = time.monotonic() + timeout
+
+            def until_prompt() -> bytes:
+                got = b""
+                while not got.rstrip().endswith(b"(qemu)") and time.monotonic() < deadline:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    got += data
+                return got
+
+            until_prompt()  # the banner
+            s.sendall(cmd.encode() + b"\n")
+            out = until_prompt()
+    except OSError as e:
+        return f"(monitor {path}: {e})"
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.decode(errors="replace")).replace("\r", "")
+    # Drop the prompt and the monitor's echo of the command (redrawn per key).
+    lines = [x for x in text.splitlines() if x.strip() != "(qemu)" and not x.rstrip().endswith(cmd)]
+    return "\n".join(lines)
 
 
 def main_error(msg: str) -> int:
