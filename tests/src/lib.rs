@@ -21,6 +21,7 @@ pub mod guest;
 pub mod host;
 pub mod lock;
 pub mod store_file;
+pub mod store_run;
 
 pub use evm::{EvmRun, NOBODY, RunOptions, TempDir, is_root, run_evm};
 pub use guest::{Guest, HarnessError, Ready};
