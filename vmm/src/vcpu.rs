@@ -122,11 +122,17 @@ impl<T> Pauser<T> {
         Ok(g.saved.iter_mut().filter_map(Option::take).collect())
     }
 
-    /// Let every parked vCPU run again.
+    /// Let every parked vCPU run again, and wait until each has left its
+    /// park: otherwise the next `request` could find a vCPU still counted as
+    /// parked, whose saved state was already taken, and a freeze would
+    /// return one state too few.
     pub fn release(&self) {
         let mut g = self.lock();
         g.pause = false;
         self.cv.notify_all();
+        while g.parked > 0 {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     fn pause_requested(&self) -> bool {
@@ -145,6 +151,7 @@ impl<T> Pauser<T> {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g.parked -= 1;
+        self.cv.notify_all();
     }
 
     fn finish(&self) {
@@ -291,5 +298,48 @@ fn run_loop<T>(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext<T>) -> Option<VmE
                 return Some(VmEvent::Error(format!("vcpu{index}: KVM_RUN failed: {e}")));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Back-to-back freezes must each collect every vCPU's state, even when
+    /// a parked thread is slow to wake (the race a kill test found: a vCPU
+    /// still counted as parked from the last freeze, its state already taken).
+    #[test]
+    fn back_to_back_freezes_collect_every_vcpu() {
+        let n = 3;
+        let pauser = Arc::new(Pauser::<usize>::new(n));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..n)
+            .map(|i| {
+                let (p, s) = (pauser.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !s.load(Ordering::Acquire) {
+                        if p.pause_requested() {
+                            p.park(i, i);
+                        }
+                        std::thread::yield_now();
+                    }
+                    p.finish();
+                })
+            })
+            .collect();
+        for round in 0..2000 {
+            pauser.request();
+            let saved = pauser.wait_parked().expect("no vCPU ended");
+            let mut ids = saved.clone();
+            ids.sort_unstable();
+            assert_eq!(ids, (0..n).collect::<Vec<_>>(), "round {round}");
+            pauser.release();
+        }
+        stop.store(true, Ordering::Release);
+        for t in threads {
+            t.join().unwrap();
+        }
+        pauser.request();
+        assert_eq!(pauser.wait_parked(), Err(MachineEnding));
     }
 }
