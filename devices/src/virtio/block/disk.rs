@@ -1,5 +1,6 @@
-//! The raw disk behind virtio-blk: a regular file or a block device, read
-//! and written with pread/pwrite straight into and out of guest memory.
+//! The disk behind virtio-blk: a raw regular file or block device, read
+//! and written with pread/pwrite straight into and out of guest memory, or
+//! an [`EpochDisk`] whose writes belong to the epoch (`overlay`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -13,16 +14,26 @@ use vm_memory::{
 };
 
 use super::BlockError;
+use super::overlay::EpochDisk;
 use crate::GuestMem;
 use crate::virtio::transfer_all;
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 
-/// An open disk image.
+/// Where a disk's bytes live.
+#[derive(Debug)]
+enum Backing {
+    /// A raw image, written in place.
+    Raw(File),
+    /// Committed store contents plus the epoch overlays.
+    Epoch(std::sync::Arc<EpochDisk>),
+}
+
+/// An open disk.
 #[derive(Debug)]
 pub struct Disk {
-    file: File,
+    backing: Backing,
     path: PathBuf,
     capacity_sectors: u64,
     read_only: bool,
@@ -71,11 +82,30 @@ impl Disk {
             });
         }
         Ok(Self {
-            file,
+            backing: Backing::Raw(file),
             path: path_buf,
             capacity_sectors: size / SECTOR_SIZE,
             read_only,
         })
+    }
+
+    /// A disk whose contents are `epoch`'s (named `path` in messages, the
+    /// store's path).
+    pub fn epoch(epoch: std::sync::Arc<EpochDisk>, path: &Path) -> Self {
+        Self {
+            capacity_sectors: epoch.size() / SECTOR_SIZE,
+            backing: Backing::Epoch(epoch),
+            path: path.to_path_buf(),
+            read_only: false,
+        }
+    }
+
+    /// The epoch disk, if this is one.
+    pub fn epoch_disk(&self) -> Option<&std::sync::Arc<EpochDisk>> {
+        match &self.backing {
+            Backing::Epoch(e) => Some(e),
+            Backing::Raw(_) => None,
+        }
     }
 
     /// The image's path as given.
@@ -103,10 +133,11 @@ impl Disk {
         len: usize,
         offset: u64,
     ) -> Result<(), vm_memory::GuestMemoryError> {
-        let mut src = FileAt {
-            file: &self.file,
-            offset,
+        let file = match &self.backing {
+            Backing::Raw(file) => file,
+            Backing::Epoch(e) => return e.read_to_guest(mem, addr, len, offset),
         };
+        let mut src = FileAt { file, offset };
         mem.read_exact_volatile_from(addr, &mut src, len)
     }
 
@@ -118,16 +149,21 @@ impl Disk {
         len: usize,
         offset: u64,
     ) -> Result<(), vm_memory::GuestMemoryError> {
-        let mut dst = FileAt {
-            file: &self.file,
-            offset,
+        let file = match &self.backing {
+            Backing::Raw(file) => file,
+            Backing::Epoch(e) => return e.write_from_guest(mem, addr, len, offset),
         };
+        let mut dst = FileAt { file, offset };
         mem.write_all_volatile_to(addr, &mut dst, len)
     }
 
-    /// Make every completed write durable (fdatasync).
+    /// Make every completed write durable: fdatasync of a raw image; for an
+    /// epoch disk nothing, as its writes are durable with their epoch.
     pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        match &self.backing {
+            Backing::Raw(file) => file.sync_data(),
+            Backing::Epoch(_) => Ok(()),
+        }
     }
 }
 

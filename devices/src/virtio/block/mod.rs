@@ -7,6 +7,7 @@
 //! page the device writes.
 
 mod disk;
+pub mod overlay;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -29,6 +30,7 @@ use super::{
 use crate::GuestMem;
 
 pub use disk::SECTOR_SIZE;
+pub use overlay::{BlockMap, CommittedBlocks, EpochDisk};
 pub use request::ID_LEN;
 
 /// Size of the one request queue.
@@ -135,6 +137,13 @@ pub struct Block {
     warnings: GuestWarnings,
 }
 
+fn check_id(id: &str) -> Result<(), BlockError> {
+    if id.len() > ID_LEN {
+        return Err(BlockError::IdTooLong { id: id.to_owned() });
+    }
+    Ok(())
+}
+
 /// Bytes of `struct virtio_blk_config` exposed (through `num_queues`).
 const CONFIG_LEN: usize = 36;
 
@@ -143,12 +152,31 @@ impl Block {
     /// unless `read_only`, answering GET_ID with `id` (at most 20 bytes,
     /// e.g. `evm-disk0`).
     pub fn new(path: &Path, read_only: bool, id: &str) -> Result<Self, BlockError> {
-        if id.len() > ID_LEN {
-            return Err(BlockError::IdTooLong { id: id.to_owned() });
-        }
+        check_id(id)?;
+        Self::with_disk(disk::Disk::open(path, read_only)?, id)
+    }
+
+    /// A device over an epoch disk (see `overlay`), named `path` (the
+    /// store's) in messages.
+    pub fn with_epoch_disk(
+        epoch: Arc<EpochDisk>,
+        path: &Path,
+        id: &str,
+    ) -> Result<Self, BlockError> {
+        check_id(id)?;
+        Self::with_disk(disk::Disk::epoch(epoch, path), id)
+    }
+
+    /// The epoch disk behind this device, if it has one.
+    pub fn epoch_disk(&self) -> Option<&Arc<EpochDisk>> {
+        self.disk.epoch_disk()
+    }
+
+    fn with_disk(disk: disk::Disk, id: &str) -> Result<Self, BlockError> {
+        check_id(id)?;
+        let read_only = disk.read_only();
         let mut id_bytes = [0u8; ID_LEN];
         id_bytes[..id.len()].copy_from_slice(id.as_bytes());
-        let disk = disk::Disk::open(path, read_only)?;
         let mut avail_features = COMMON_FEATURES
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_BLK_SIZE)
