@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mem_bytes = (4 * mib) << 20;
     let opts = CreateOptions {
         mem_bytes,
+        disk_bytes: 0,
         log_bytes: (8 * mib) << 20,
         config: b"bench".to_vec(),
     };

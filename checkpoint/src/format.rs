@@ -7,8 +7,10 @@ use crate::crc::crc32c;
 pub const BLOCK: u64 = 4096;
 /// Guest page size; a page record carries exactly one page.
 pub const PAGE_SIZE: u64 = 4096;
+/// Guest disk block size; a disk record entry carries exactly one block.
+pub const DISK_BLOCK: u64 = 4096;
 /// The format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Superblock magic.
 pub const SB_MAGIC: [u8; 8] = *b"EVMSTORE";
 /// Record magic ("EVMR" little-endian).
@@ -40,8 +42,8 @@ pub const NO_SLOT: u32 = u32::MAX;
 pub const K_HEADER: u32 = 1;
 pub const K_PAGES: u32 = 2;
 pub const K_STATE: u32 = 3;
-/// Reserved for issue 4: disk block records (same layout as pages, the
-/// address being a byte offset in the disk).
+/// Disk block records: the same layout as page records, the address being
+/// a byte offset in the guest disk.
 pub const K_DISK: u32 = 4;
 pub const K_COMMIT: u32 = 5;
 pub const K_WRAP: u32 = 6;

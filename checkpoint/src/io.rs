@@ -6,6 +6,20 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::sync::Arc;
+
+/// Positioned reads that may be shared between threads (the running VM's
+/// disk reads, see `DiskView`), independent of the `&mut` writer.
+pub trait ReadAt: Send + Sync + std::fmt::Debug {
+    /// Fill `buf` from offset `off` (short reads are errors).
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.read_exact_at(buf, off)
+    }
+}
 
 /// Positioned I/O on the store's backing file or device.
 pub trait StoreIo: Send + std::fmt::Debug {
@@ -17,6 +31,9 @@ pub trait StoreIo: Send + std::fmt::Debug {
     fn sync(&mut self) -> io::Result<()>;
     /// Size of the file or device in bytes.
     fn size(&self) -> u64;
+    /// A shareable reader of the same bytes (what [`StoreIo::read_at`]
+    /// sees), usable from other threads while this one writes.
+    fn reader(&self) -> Arc<dyn ReadAt>;
     /// Make `[off, off+len)` read as zeros, keeping it allocated. Not durable
     /// until [`StoreIo::sync`].
     fn zero_range(&mut self, off: u64, len: u64) -> io::Result<()> {
@@ -41,6 +58,9 @@ pub fn write_zeros<T: StoreIo + ?Sized>(io: &mut T, off: u64, len: u64) -> io::R
 #[derive(Debug)]
 pub struct FileIo {
     file: File,
+    /// The same file opened again (its own open file description, so it
+    /// does not hold the store's lock) for shared readers.
+    reader: Arc<File>,
     size: u64,
     block_device: bool,
 }
@@ -55,7 +75,20 @@ impl FileIo {
         } else {
             meta.len()
         };
+        // A new description via /proc (works for files and block devices);
+        // failing that, a duplicate descriptor, which keeps the lock held
+        // while a reader lives.
+        let reader = match File::open(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+            Ok(f) => f,
+            Err(e) => {
+                log::debug!(
+                    "reopening the store through /proc failed ({e}); sharing its descriptor"
+                );
+                file.try_clone()?
+            }
+        };
         Ok(FileIo {
+            reader: Arc::new(reader),
             file,
             size,
             block_device,
@@ -83,6 +116,11 @@ impl StoreIo for FileIo {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn reader(&self) -> Arc<dyn ReadAt> {
+        // pread on a shared descriptor is thread-safe.
+        self.reader.clone()
     }
 
     fn zero_range(&mut self, off: u64, len: u64) -> io::Result<()> {

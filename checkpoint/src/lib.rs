@@ -1,8 +1,8 @@
 //! evm's store: one preallocated file (or block device) that *is* a VM.
 //!
 //! Two superblocks (A/B, alternating generations), the VM config, two
-//! home-state slots, the memory home, a (reserved) disk home, and a log ring
-//! of epochs: header, page chunks, machine state, commit record with a
+//! home-state slots, the memory home, the disk home, and a log ring
+//! of epochs: header, page chunks, disk block chunks, machine state, commit record with a
 //! CRC32C over the whole epoch. Recovery walks the log from its head to the
 //! newest committed epoch; migration folds committed epochs into home as the
 //! log fills. `README.md` beside this crate specifies the format.
@@ -16,7 +16,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let path = std::env::temp_dir().join(format!("doc-{}.evm", std::process::id()));
 //! # let _ = std::fs::remove_file(&path);
-//! let opts = CreateOptions { mem_bytes: 1 << 20, log_bytes: 1 << 20, config: b"cfg".to_vec() };
+//! let opts = CreateOptions { mem_bytes: 1 << 20, disk_bytes: 0, log_bytes: 1 << 20, config: b"cfg".to_vec() };
 //! let mut store = Store::create(&path, &opts)?;
 //! // The first epoch after creation holds every non-zero page.
 //! let page = [0x5au8; 4096];
@@ -37,6 +37,7 @@
 //! ```
 
 mod crc;
+mod disk;
 mod error;
 pub mod format;
 mod io;
@@ -53,6 +54,7 @@ pub mod testing;
 mod tests;
 
 pub use crc::{crc32c, crc32c_update};
+pub use disk::DiskView;
 pub use error::StoreError;
-pub use io::{FileIo, StoreIo};
+pub use io::{FileIo, ReadAt, StoreIo};
 pub use store::{CreateOptions, EpochInfo, EpochMeta, RecoveryNote, Store};

@@ -30,6 +30,7 @@ pub(crate) fn page_runs(locs: &[PageLoc]) -> impl Iterator<Item = &[PageLoc]> {
 
 /// Coalesces page writes to home into runs of consecutive addresses.
 struct HomeWriter {
+    what: &'static str,
     base: u64,
     start: u64,
     data: Vec<u8>,
@@ -58,8 +59,9 @@ impl HomeWriter {
             StoreError::io(
                 &store.path,
                 format!(
-                    "write {} bytes of the memory home at {off}",
-                    self.data.len()
+                    "write {} bytes of the {} at {off}",
+                    self.data.len(),
+                    self.what
                 ),
                 e,
             )
@@ -106,12 +108,32 @@ impl Store {
         };
         let locs = self.newest_pages(k + 1);
         let mut hw = HomeWriter {
+            what: "memory home",
             base: self.sb.mem.off,
             start: 0,
             data: Vec::with_capacity(1 << 20),
         };
         let mut scratch = Vec::new();
         for run in page_runs(&locs) {
+            self.read_pages(run, &mut scratch)?;
+            for (n, p) in run.iter().enumerate() {
+                hw.put(
+                    self,
+                    p.addr,
+                    &scratch[n * PAGE_SIZE as usize..(n + 1) * PAGE_SIZE as usize],
+                )?;
+            }
+        }
+        hw.flush(self)?;
+        // Disk blocks the same way, into the disk home.
+        let blocks = self.newest_blocks(k + 1);
+        let mut hw = HomeWriter {
+            what: "disk home",
+            base: self.sb.disk.off,
+            start: 0,
+            data: Vec::with_capacity(1 << 20),
+        };
+        for run in page_runs(&blocks) {
             self.read_pages(run, &mut scratch)?;
             for (n, p) in run.iter().enumerate() {
                 hw.put(
@@ -154,7 +176,10 @@ impl Store {
         })?;
         self.io
             .sync()
-            .map_err(|e| StoreError::io(&self.path, "sync the memory home", e))?;
+            .map_err(|e| StoreError::io(&self.path, "sync the memory and disk homes", e))?;
+        // Home is durable: the running VM reads these blocks from there
+        // before their ring space can be reused (after the superblock below).
+        self.disk_map.folded(self.sb.log.off, &blocks);
 
         let freed: u64 = self.log[..=k].iter().map(|e| e.bytes).sum();
         let mut sb = self.sb.clone();
@@ -175,16 +200,17 @@ impl Store {
         self.readable_from = 0;
         self.used -= freed;
         log::debug!(
-            "{}: migrated through epoch {upto} ({} pages, {freed} log bytes freed)",
+            "{}: migrated through epoch {upto} ({} pages, {} disk blocks, {freed} log bytes freed)",
             self.path.display(),
-            locs.len()
+            locs.len(),
+            blocks.len()
         );
         Ok(())
     }
 
     /// Keep the store but mark that there is no machine state to resume: all
-    /// committed epochs are folded home first (issue 4: the disk), then the
-    /// memory home is zeroed. The next appended epoch's memory is zero plus
+    /// committed epochs are folded home first (so the disk home holds the
+    /// newest disk, which is kept), then the memory home (only) is zeroed. The next appended epoch's memory is zero plus
     /// its own pages.
     pub fn discard_machine_state(&mut self) -> Result<(), StoreError> {
         self.check_writable()?;

@@ -11,7 +11,7 @@ const HOME_READ: usize = 8 << 20;
 
 impl Store {
     /// How many retained log epochs make up `epoch` (0: home alone).
-    fn epochs_through(&self, epoch: u64) -> Result<usize, StoreError> {
+    pub(crate) fn epochs_through(&self, epoch: u64) -> Result<usize, StoreError> {
         if let Some(i) = self.log[self.readable_from..]
             .iter()
             .position(|e| e.epoch == epoch)
@@ -59,7 +59,7 @@ impl Store {
 
     /// For a read-only opener: fail if a running evm has rewritten the
     /// superblock (migrated) since we opened; what we read may be mixed.
-    fn check_unchanged(&self) -> Result<(), StoreError> {
+    pub(crate) fn check_unchanged(&self) -> Result<(), StoreError> {
         if !self.read_only {
             return Ok(());
         }

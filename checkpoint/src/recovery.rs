@@ -7,10 +7,10 @@ use crate::error::StoreError;
 use crate::format::*;
 use crate::store::{EpochInfo, RecoveryNote, Store};
 
-/// Where one page (or, later, disk block) of a retained epoch lives.
+/// Where one page (or disk block) of a retained epoch lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PageLoc {
-    /// Guest-physical address.
+    /// Guest-physical address (a disk block: byte offset in the disk).
     pub addr: u64,
     /// Ring offset of the 4 KiB of data.
     pub pos: u64,
@@ -25,6 +25,8 @@ pub(crate) struct LogEpoch {
     pub start: u64,
     pub bytes: u64,
     pub pages: Vec<PageLoc>,
+    /// Disk blocks, in record order (a later entry for the same offset wins).
+    pub disk: Vec<PageLoc>,
     pub state_pos: u64,
     pub state_len: u64,
     pub state_crc: u32,
@@ -130,6 +132,7 @@ fn scan_epoch(store: &Store, start: u64, expected: u64, budget: u64) -> Result<S
     let mut prev_latency = 0;
     let mut have_header = false;
     let mut have_state = false;
+    let mut have_disk = false;
     // Nothing of this epoch found yet: the clean end of the log.
     let stop = |seq: u32, why: String| if seq == 0 { Stop::End } else { Stop::Bad(why) };
     loop {
@@ -227,29 +230,46 @@ fn scan_epoch(store: &Store, start: u64, expected: u64, budget: u64) -> Result<S
                 prev_latency = get_u32(&head, H_PREV_LATENCY);
                 info.state_bytes = get_u64(&head, H_STATE_LEN);
             }
-            K_PAGES => {
+            K_PAGES | K_DISK => {
+                let disk = h.kind == K_DISK;
+                let (what, limit) = if disk {
+                    ("disk", sb.disk.len)
+                } else {
+                    ("page", sb.mem.len)
+                };
+                if have_state || (!disk && have_disk) {
+                    return Err(Stop::Bad(format!("{what} record {seq} is out of order")));
+                }
+                have_disk |= disk;
                 let n = h.count as usize;
                 if n > CHUNK_ENTRIES || plen != n as u64 * PAGE_SIZE {
-                    return Err(Stop::Bad(format!("page record {seq} has a bad count {n}")));
+                    return Err(Stop::Bad(format!(
+                        "{what} record {seq} has a bad count {n}"
+                    )));
                 }
                 for i in 0..n {
                     let (addr, pcrc) = entry(&head, i);
-                    if addr % PAGE_SIZE != 0 || addr >= sb.mem.len {
+                    if addr % PAGE_SIZE != 0 || addr >= limit {
                         return Err(Stop::Bad(format!(
-                            "page record {seq} names address {addr:#x} outside memory"
+                            "{what} record {seq} names address {addr:#x} outside its {limit}-byte space"
                         )));
                     }
                     let data = &payload[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
                     if crate::crc::crc32c(data) != pcrc {
                         return Err(Stop::Bad(format!(
-                            "page {addr:#x} in record {seq} is corrupt (CRC mismatch)"
+                            "{what} block {addr:#x} in record {seq} is corrupt (CRC mismatch)"
                         )));
                     }
-                    ep.pages.push(PageLoc {
+                    let loc = PageLoc {
                         addr,
                         pos: data_pos + i as u64 * PAGE_SIZE,
                         crc: pcrc,
-                    });
+                    };
+                    if disk {
+                        ep.disk.push(loc);
+                    } else {
+                        ep.pages.push(loc);
+                    }
                 }
             }
             K_STATE => {
@@ -278,7 +298,7 @@ fn scan_epoch(store: &Store, start: u64, expected: u64, budget: u64) -> Result<S
                     && get_u64(&head, C_BYTES) == bytes
                     && get_u64(&head, C_PAGES) == ep.pages.len() as u64
                     && get_u64(&head, C_STATE_LEN) == ep.state_len
-                    && get_u64(&head, C_DISK) == 0;
+                    && get_u64(&head, C_DISK) == ep.disk.len() as u64;
                 if !ok {
                     return Err(Stop::Bad(
                         "commit record disagrees with the epoch's records".into(),
@@ -291,6 +311,7 @@ fn scan_epoch(store: &Store, start: u64, expected: u64, budget: u64) -> Result<S
                 }
                 ep.bytes = bytes;
                 info.pages = ep.pages.len() as u64;
+                info.disk_blocks = ep.disk.len() as u64;
                 info.bytes = bytes;
                 let mut end = pos + BLOCK;
                 if end == log_len {
@@ -302,11 +323,6 @@ fn scan_epoch(store: &Store, start: u64, expected: u64, budget: u64) -> Result<S
                     end,
                     prev_latency,
                 });
-            }
-            K_DISK => {
-                return Err(Stop::Bad(format!(
-                    "record {seq} is a disk block record, which format version 1 does not use"
-                )));
             }
             k => return Err(Stop::Bad(format!("record {seq} has unknown kind {k}"))),
         }

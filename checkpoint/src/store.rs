@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 pub struct CreateOptions {
     /// Guest RAM size: the memory home is this many bytes (4 KiB multiple).
     pub mem_bytes: u64,
+    /// Guest disk size: the disk home is this many bytes (4 KiB multiple;
+    /// 0: no disk). It starts as zeros (see [`Store::import_disk`]).
+    pub disk_bytes: u64,
     /// Size of the log ring (4 KiB multiple, at least [`MIN_LOG_BYTES`]).
     pub log_bytes: u64,
     /// The vmm's serialized VM config (at most 1 MiB), kept with a CRC.
@@ -57,6 +60,8 @@ pub struct EpochInfo {
     pub dirty_pages: u64,
     /// Page records actually stored.
     pub pages: u64,
+    /// Disk blocks stored.
+    pub disk_blocks: u64,
     /// Size of the machine state blob.
     pub state_bytes: u64,
     /// Bytes the epoch occupies in the log (records, padding, wrap).
@@ -116,6 +121,8 @@ pub struct Store {
     pub(crate) batch_bytes: usize,
     pub(crate) buf: Vec<u8>,
     pub(crate) last_commit_latency_us: u32,
+    /// The running VM's view of the committed disk (see `disk.rs`).
+    pub(crate) disk_map: crate::disk::DiskMap,
 }
 
 pub(crate) fn layout(opts: &CreateOptions, uuid: [u8; 16], created_ns: u64) -> Superblock {
@@ -131,8 +138,12 @@ pub(crate) fn layout(opts: &CreateOptions, uuid: [u8; 16], created_ns: u64) -> S
         off: state.off + state.len,
         len: opts.mem_bytes,
     };
-    let log = Region {
+    let disk = Region {
         off: mem.off.saturating_add(mem.len),
+        len: opts.disk_bytes,
+    };
+    let log = Region {
+        off: disk.off.saturating_add(disk.len),
         len: opts.log_bytes,
     };
     Superblock {
@@ -146,7 +157,7 @@ pub(crate) fn layout(opts: &CreateOptions, uuid: [u8; 16], created_ns: u64) -> S
         config,
         config_crc: crate::crc::crc32c(&opts.config),
         mem,
-        disk: Region::default(),
+        disk,
         state,
         log,
         total_len: log.off.saturating_add(log.len),
@@ -179,6 +190,15 @@ fn check_options(path: &Path, o: &CreateOptions) -> Result<(), StoreError> {
             format!(
                 "log size {} is not a multiple of 4 KiB of at least {MIN_LOG_BYTES}",
                 o.log_bytes
+            ),
+        ));
+    }
+    if !o.disk_bytes.is_multiple_of(DISK_BLOCK) || o.disk_bytes > (1 << 50) {
+        return Err(invalid(
+            path,
+            format!(
+                "disk size {} is not a multiple of 4 KiB (up to 1 PiB)",
+                o.disk_bytes
             ),
         ));
     }
@@ -381,6 +401,8 @@ impl Store {
         if zero_home {
             io.zero_range(sb.mem.off, sb.mem.len)
                 .map_err(|e| StoreError::io(path, "zero the memory home", e))?;
+            io.zero_range(sb.disk.off, sb.disk.len)
+                .map_err(|e| StoreError::io(path, "zero the disk home", e))?;
         }
         io.sync().map_err(|e| StoreError::io(path, "sync", e))?;
         // B (generation 1) then A (generation 2): both describe the new store.
@@ -400,7 +422,9 @@ impl Store {
         sb: Superblock,
         config: Vec<u8>,
     ) -> Store {
+        let disk_map = crate::disk::DiskMap::new(io.reader(), sb.disk);
         Store {
+            disk_map,
             path: path.into(),
             io,
             read_only,
@@ -513,6 +537,7 @@ impl Store {
         if !read_only {
             store.finish_pending()?;
         }
+        store.rebuild_disk_map();
         Ok(store)
     }
 
@@ -531,6 +556,10 @@ impl Store {
     }
     pub fn mem_bytes(&self) -> u64 {
         self.sb.mem.len
+    }
+    /// Size of the guest disk (0: none).
+    pub fn disk_bytes(&self) -> u64 {
+        self.sb.disk.len
     }
     /// Size of the log ring.
     pub fn log_bytes(&self) -> u64 {

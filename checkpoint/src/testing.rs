@@ -13,7 +13,7 @@
 //! 512-byte sector boundary. [`CrashDevice::fail_at`] injects one error
 //! (EIO, ENOSPC, …) into one operation without cutting the power.
 
-use crate::io::StoreIo;
+use crate::io::{ReadAt, StoreIo};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -368,25 +368,41 @@ impl Inner {
     }
 }
 
+/// A shareable reader of a [`CrashDevice`] (what its reads see).
+#[derive(Debug)]
+pub struct CrashReader {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl ReadAt for CrashReader {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        read_volatile(&self.inner, buf, off)
+    }
+}
+
+fn read_volatile(inner: &Mutex<Inner>, buf: &mut [u8], off: u64) -> io::Result<()> {
+    let g = lock(inner);
+    if g.cut {
+        return Err(cut_error());
+    }
+    let end = off
+        .checked_add(buf.len() as u64)
+        .filter(|&e| e <= g.volatile.size);
+    match end {
+        Some(_) => {
+            g.volatile.read(off, buf);
+            Ok(())
+        }
+        None => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "read past the end of the device",
+        )),
+    }
+}
+
 impl StoreIo for CrashIo {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        let g = lock(&self.inner);
-        if g.cut {
-            return Err(cut_error());
-        }
-        let end = off
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= g.volatile.size);
-        match end {
-            Some(_) => {
-                g.volatile.read(off, buf);
-                Ok(())
-            }
-            None => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "read past the end of the device",
-            )),
-        }
+        read_volatile(&self.inner, buf, off)
     }
 
     fn write_at(&mut self, buf: &[u8], off: u64) -> io::Result<()> {
@@ -415,5 +431,11 @@ impl StoreIo for CrashIo {
 
     fn size(&self) -> u64 {
         lock(&self.inner).volatile.size
+    }
+
+    fn reader(&self) -> Arc<dyn ReadAt> {
+        Arc::new(CrashReader {
+            inner: Arc::clone(&self.inner),
+        })
     }
 }

@@ -20,6 +20,7 @@ struct Pending {
     /// Ring offset of `store.buf[0]`.
     buf_pos: u64,
     pages: Vec<PageLoc>,
+    disk: Vec<PageLoc>,
     state_pos: u64,
     t0: Instant,
     flushed: u64,
@@ -39,12 +40,29 @@ impl Store {
             .map_or(self.sb.home_epoch + 1, |e| e.epoch + 1)
     }
 
-    /// Append and commit one epoch (see the crate docs). On error nothing
-    /// committed changes and the same epoch number is used by the next call.
+    /// Append and commit one epoch with no disk blocks (see
+    /// [`Store::append_epoch_with_disk`]).
     pub fn append_epoch(
         &mut self,
         meta: &EpochMeta,
         pages: &mut dyn Iterator<Item = (u64, &[u8])>,
+        state: &[u8],
+    ) -> Result<EpochInfo, StoreError> {
+        self.append_epoch_with_disk(meta, pages, &mut std::iter::empty(), state)
+    }
+
+    /// Append and commit one epoch: its pages (guest-physical address,
+    /// 4096 bytes), its disk blocks (disk byte offset, 4096 bytes; an
+    /// offset given twice: the later block wins) and its machine state.
+    /// Returns after the epoch is durable. On error (a bad page or block,
+    /// log full, I/O) nothing committed changes and the same epoch number
+    /// is used by the next call. The disk iterator's `size_hint` lower
+    /// bound is used to make room before writing.
+    pub fn append_epoch_with_disk(
+        &mut self,
+        meta: &EpochMeta,
+        pages: &mut dyn Iterator<Item = (u64, &[u8])>,
+        disk: &mut dyn Iterator<Item = (u64, &[u8])>,
         state: &[u8],
     ) -> Result<EpochInfo, StoreError> {
         self.check_writable()?;
@@ -57,7 +75,8 @@ impl Store {
             });
         }
         let t0 = Instant::now();
-        self.make_room(meta.dirty_pages, state.len() as u64)?;
+        let disk_hint = disk.size_hint().0 as u64;
+        self.make_room(meta.dirty_pages, disk_hint, state.len() as u64)?;
         let mut w = Pending {
             epoch: self.next_epoch(),
             start: self.tail,
@@ -67,12 +86,13 @@ impl Store {
             crc: 0,
             buf_pos: self.tail,
             pages: Vec::with_capacity(meta.dirty_pages.min(1 << 22) as usize),
+            disk: Vec::with_capacity(disk_hint.min(1 << 22) as usize),
             state_pos: 0,
             t0,
             flushed: 0,
         };
         self.buf.clear();
-        let r = self.write_epoch(&mut w, meta, pages, state);
+        let r = self.write_epoch(&mut w, meta, pages, disk, state);
         self.buf.clear();
         r?;
         self.io
@@ -85,6 +105,7 @@ impl Store {
             freeze_us: meta.freeze_us,
             dirty_pages: meta.dirty_pages,
             pages: w.pages.len() as u64,
+            disk_blocks: w.disk.len() as u64,
             state_bytes: state.len() as u64,
             bytes: w.consumed,
             commit_latency_us: latency,
@@ -94,19 +115,24 @@ impl Store {
             start: w.start,
             bytes: w.consumed,
             pages: std::mem::take(&mut w.pages),
+            disk: std::mem::take(&mut w.disk),
             state_pos: w.state_pos,
             state_len: state.len() as u64,
             state_crc: crc32c(state),
         });
+        if let Some(e) = self.log.last() {
+            self.disk_map.committed(self.sb.log.off, &e.disk);
+        }
         self.infos.push(info);
         self.tail = w.pos;
         self.used += w.consumed;
         self.last_commit_latency_us = latency;
         log::debug!(
-            "{}: epoch {} committed: {} pages, {} bytes, {} µs",
+            "{}: epoch {} committed: {} pages, {} disk blocks, {} bytes, {} µs",
             self.path.display(),
             info.epoch,
             info.pages,
+            info.disk_blocks,
             info.bytes,
             latency
         );
@@ -118,6 +144,7 @@ impl Store {
         w: &mut Pending,
         meta: &EpochMeta,
         pages: &mut dyn Iterator<Item = (u64, &[u8])>,
+        disk: &mut dyn Iterator<Item = (u64, &[u8])>,
         state: &[u8],
     ) -> Result<(), StoreError> {
         let uuid = self.sb.uuid;
@@ -140,7 +167,11 @@ impl Store {
 
         let mut next = pages.next();
         while next.is_some() {
-            next = self.write_chunk(w, next, pages)?;
+            next = self.write_chunk(w, K_PAGES, next, pages)?;
+        }
+        let mut next = disk.next();
+        while next.is_some() {
+            next = self.write_chunk(w, K_DISK, next, disk)?;
         }
 
         let mut h = head_block(
@@ -173,15 +204,17 @@ impl Store {
         put_u64(&mut h, C_PAGES, w.pages.len() as u64);
         put_u32(&mut h, C_CRC, w.crc);
         put_u64(&mut h, C_STATE_LEN, state.len() as u64);
-        put_u64(&mut h, C_DISK, 0);
+        put_u64(&mut h, C_DISK, w.disk.len() as u64);
         self.push_record(w, h, &[])?;
         self.flush(w)
     }
 
-    /// Write one page chunk starting with `first`; returns the page after it.
+    /// Write one page (or disk, by `kind`) chunk starting with `first`;
+    /// returns the page after it.
     fn write_chunk<'a>(
         &mut self,
         w: &mut Pending,
+        kind: u32,
         first: Option<(u64, &'a [u8])>,
         pages: &mut dyn Iterator<Item = (u64, &'a [u8])>,
     ) -> Result<Option<(u64, &'a [u8])>, StoreError> {
@@ -216,24 +249,33 @@ impl Store {
             if entries.len() as u64 == cap {
                 break;
             }
-            if addr % PAGE_SIZE != 0 || addr >= self.sb.mem.len || data.len() != PAGE_SIZE as usize
-            {
+            let (limit, what) = if kind == K_DISK {
+                (self.sb.disk.len, "disk block")
+            } else {
+                (self.sb.mem.len, "page")
+            };
+            if addr % PAGE_SIZE != 0 || addr >= limit || data.len() != PAGE_SIZE as usize {
                 return Err(StoreError::Invalid {
                     path: self.path.clone(),
                     what: format!(
-                        "page at {addr:#x} ({} bytes) is not a 4 KiB page inside the {}-byte memory",
+                        "{what} at {addr:#x} ({} bytes) is not a 4 KiB block inside the {limit}-byte {}",
                         data.len(),
-                        self.sb.mem.len
+                        if kind == K_DISK { "disk" } else { "memory" }
                     ),
                 });
             }
             let crc = crc32c(data);
             self.buf.extend_from_slice(data);
-            w.pages.push(PageLoc {
+            let loc = PageLoc {
                 addr,
                 pos: data_pos + entries.len() as u64 * PAGE_SIZE,
                 crc,
-            });
+            };
+            if kind == K_DISK {
+                w.disk.push(loc);
+            } else {
+                w.pages.push(loc);
+            }
             entries.push((addr, crc));
             cur = pages.next();
         }
@@ -243,7 +285,7 @@ impl Store {
             block,
             &self.sb.uuid,
             &Head {
-                kind: K_PAGES,
+                kind,
                 epoch: w.epoch,
                 seq: w.seq,
                 count: n,
@@ -397,14 +439,21 @@ impl Store {
     }
 
     /// Before an epoch: if the log is past the threshold, or the epoch (as
-    /// estimated from its dirty page count) would not fit, migrate the oldest
-    /// epochs.
-    fn make_room(&mut self, dirty_pages: u64, state_len: u64) -> Result<(), StoreError> {
+    /// estimated from its dirty page and disk block counts) would not fit,
+    /// migrate the oldest epochs.
+    fn make_room(
+        &mut self,
+        dirty_pages: u64,
+        disk_blocks: u64,
+        state_len: u64,
+    ) -> Result<(), StoreError> {
         if self.log.is_empty() {
             return Ok(());
         }
         let log_len = self.sb.log.len;
-        let chunks = dirty_pages.div_ceil(CHUNK_ENTRIES as u64);
+        let chunks =
+            dirty_pages.div_ceil(CHUNK_ENTRIES as u64) + disk_blocks.div_ceil(CHUNK_ENTRIES as u64);
+        let dirty_pages = dirty_pages.saturating_add(disk_blocks);
         let wrap_slack = (BLOCK * (CHUNK_ENTRIES as u64 + 1)).min(log_len / 8);
         let est = (3 * BLOCK + round_up(state_len))
             .saturating_add(dirty_pages.saturating_mul(PAGE_SIZE))

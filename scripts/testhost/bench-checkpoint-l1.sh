@@ -15,7 +15,8 @@
 #   BREADY <exp> <t>
 #   BEND <exp> <t> <how>     how: "killed" (normal end) or "exited <rc>" (died early)
 #   BFAIL <exp> <why>
-#   BQ <exp> <k> <t> <event> [key=value...]   migrate/completed/failed/cancelled/timeout
+#   BQ <exp> <k> <t> <event> [key=value...]   migrate/completed/failed/cancelled/
+#                            timeout/died (QEMU exited during the migration: rc=)
 #   BQMON <exp> <k> <line>   QEMU monitor output: k=0 `info migrate_parameters`,
 #                            k>0 the `info migrate` after migration k ended
 #
@@ -191,6 +192,7 @@ qemu_run() { # exp rate
 
 # diagnose: L1's state when a migration did not end (BINFO lines).
 diagnose() {
+    dmesg | tail -n 8 | while IFS= read -r l; do echo "BINFO $exp L1 dmesg: $l"; done
     echo "BINFO $exp L1 loadavg $(cat /proc/loadavg); $(grep -E 'MemFree|MemAvailable|Shmem:|Dirty|Writeback:' /proc/meminfo | tr -s ' \n' ' ')"
     for s in /proc/"$pid"/task/*/stat; do
         echo "BINFO $exp qemu thread $(cut -d' ' -f1-16 "$s" 2>/dev/null) wchan=$(cat "${s%/stat}/wchan" 2>/dev/null)"
@@ -215,6 +217,15 @@ qemu_migrations() {
             i=$((i + 1))
             status=$(mig_status "$off")
             case $status in completed | failed | cancelled) break ;; esac
+            if ! kill -0 "$pid" 2>/dev/null; then
+                wait "$pid"
+                rc=$?
+                wait "$tout" "$terr" 2>/dev/null
+                echo "BQ $exp $k $(now) died rc=$rc size=$(wc -c <"$IMG" 2>/dev/null || echo 0) polls=$i"
+                dmesg | tail -n 8 | while IFS= read -r l; do echo "BINFO $exp L1 dmesg: $l"; done
+                echo "BEND $exp $(now) exited $rc"
+                return
+            fi
             if [ "$i" -ge "$B_MIG_TIMEOUT" ]; then
                 status=timeout
                 diagnose

@@ -237,7 +237,9 @@ class Testhost:
                     pass
 
     def cmdline(self) -> str:
-        parts = ["console=ttyS1", "panic=-1", "mitigations=off", "rdinit=/init"]
+        # nokaslr: the same kernel addresses on every boot, so a stuck L1's RIPs
+        # (QEMU monitor) can be looked up in its /proc/kallsyms.
+        parts = ["console=ttyS1", "panic=-1", "mitigations=off", "nokaslr", "rdinit=/init"]
         if not self.debug:
             # ttyS1 is not the user's console: keep warnings, errors and panics
             # for the log, drop the rest (it costs boot time under TCG).

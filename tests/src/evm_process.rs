@@ -517,12 +517,14 @@ pub fn number_from_env(var: &str, default: u64) -> u64 {
 
 /// evm's per-epoch log line (`EVM_LOG=info`):
 /// `evm: info: epoch <n> committed: freeze <µs> µs, <pages> dirty pages,
-/// <MiB> MiB, commit <µs> µs`.
+/// [<blocks> disk blocks,] <MiB> MiB, commit <µs> µs`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochLine {
     pub epoch: u64,
     pub freeze_us: u64,
     pub dirty_pages: u64,
+    /// Disk blocks in the epoch (0 when the line does not say).
+    pub disk_blocks: u64,
     pub mib: f64,
     pub commit_us: u64,
 }
@@ -534,6 +536,7 @@ impl EpochLine {
         let (epoch, rest) = rest.split_once(" committed: ")?;
         let mut freeze_us = None;
         let mut dirty_pages = None;
+        let mut disk_blocks = 0;
         let mut mib = None;
         let mut commit_us = None;
         for part in rest.split(", ") {
@@ -541,6 +544,7 @@ impl EpochLine {
             match words.as_slice() {
                 ["freeze", n, "µs" | "us"] => freeze_us = n.parse().ok(),
                 [n, "dirty", "pages"] => dirty_pages = n.parse().ok(),
+                [n, "disk", "blocks"] => disk_blocks = n.parse().ok()?,
                 [n, "MiB"] => mib = n.parse().ok(),
                 ["commit", n, "µs" | "us"] => commit_us = n.parse().ok(),
                 _ => {}
@@ -550,6 +554,7 @@ impl EpochLine {
             epoch: epoch.parse().ok()?,
             freeze_us: freeze_us?,
             dirty_pages: dirty_pages?,
+            disk_blocks,
             mib: mib?,
             commit_us: commit_us?,
         })
@@ -641,10 +646,16 @@ mod tests {
                 epoch: 42,
                 freeze_us: 310,
                 dirty_pages: 77,
+                disk_blocks: 0,
                 mib: 1.2,
                 commit_us: 5120
             }
         );
+        let l = EpochLine::parse(
+            "evm: info: epoch 7 committed: freeze 9 µs, 3 dirty pages, 12 disk blocks, 0.1 MiB, commit 50 µs",
+        )
+        .unwrap();
+        assert_eq!((l.epoch, l.disk_blocks, l.commit_us), (7, 12, 50));
         assert!(EpochLine::parse("evm: info: epoch 42 committed").is_none());
         assert!(EpochLine::parse("evm: debug: /s: epoch 3 committed: 3 pages, 9 bytes").is_none());
         assert_eq!(resumed_epoch("evm: info: resumed from epoch 17"), Some(17));

@@ -1,7 +1,7 @@
 //! Reading and damaging an evm store file from outside, for the bad-input
 //! tests: superblocks, the config region and the log's records, decoded
 //! from the on-disk format that `checkpoint/README.md` specifies (format
-//! version 1), independently of the `checkpoint` crate, so the tests check
+//! version 2), independently of the `checkpoint` crate, so the tests check
 //! evm against the specification rather than against its own code.
 //!
 //! Every write here goes to a copy of a store that no evm has open.
@@ -22,6 +22,8 @@ pub const REC_MAGIC: u32 = u32::from_le_bytes(*b"EVMR");
 pub const SB_CRC_OFF: usize = 4092;
 /// Offset of the format version in a superblock.
 pub const SB_VERSION_OFF: usize = 8;
+/// The format version this reader understands (README).
+pub const FORMAT_VERSION: u32 = 2;
 /// Offset of the CRC in a record head block (computed with it zeroed).
 const REC_CRC_OFF: usize = 44;
 
@@ -188,13 +190,13 @@ pub fn superblock(path: &Path, slot: u64) -> Result<Superblock, StoreFileError> 
         .ok_or_else(|| format_err(path, format!("no superblock magic in slot {slot}")))
 }
 
-/// The superblock in force: the valid one (CRC, version 1, generation in
+/// The superblock in force: the valid one (CRC, version 2, generation in
 /// its slot) with the higher generation.
 pub fn current_superblock(path: &Path) -> Result<Superblock, StoreFileError> {
     [0, 1]
         .into_iter()
         .filter_map(|slot| superblock(path, slot).ok())
-        .filter(|s| s.crc_ok && s.version == 1 && s.generation % 2 == s.slot)
+        .filter(|s| s.crc_ok && s.version == FORMAT_VERSION && s.generation % 2 == s.slot)
         .max_by_key(|s| s.generation)
         .ok_or_else(|| format_err(path, "no valid superblock"))
 }

@@ -23,15 +23,14 @@ use std::time::Duration;
 use evm_tests::evm_process::{
     EpochLine, EvmProcess, Line, Seen, SplitMix64, Stream, final_epoch, probe_elf, resumed_epoch,
 };
+use evm_tests::refusal::{refused, repeated, s};
 use evm_tests::store_file::{
     self, K_COMMIT, K_PAGES, K_STATE, SB_VERSION_OFF, fingerprint, put_u32,
 };
-use evm_tests::{EvmRun, RunOptions, TempDir, evm_bin, require_kvm, run_evm};
+use evm_tests::{TempDir, evm_bin, require_kvm};
 
 /// Longest wait for anything a running guest or evm should do.
 const WAIT: Duration = Duration::from_secs(120);
-/// Longest a refusal may take.
-const REFUSE_WAIT: Duration = Duration::from_secs(60);
 /// Small guest RAM: the store is 128 MiB of home + a 256 MiB log.
 const MEM: &str = "128M";
 /// The probe dirties 8 MiB at 16 MiB/s and verifies its pages every second.
@@ -39,10 +38,6 @@ const CMDLINE: &str = "dirty=8 rate=16 verify_every=1 report=1";
 const INTERVAL: &str = "100ms";
 /// Runs that are not refusals log their epochs and resumes.
 const LOG: &[(&str, &str)] = &[("EVM_LOG", "info")];
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
 
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|a| a.to_string()).collect()
@@ -172,59 +167,6 @@ fn resume(store: &Path) -> (u64, EvmProcess) {
     .unwrap_or_else(|e| panic!("resuming {}: {e}", store.display()));
     stop(&mut p);
     (from.expect("resumed"), p)
-}
-
-/// `a: a` (a message whose cause repeats it), if `msg` is one.
-fn repeated(msg: &str) -> Option<&str> {
-    msg.match_indices(": ")
-        .map(|(i, _)| (&msg[..i], &msg[i + 2..]))
-        .find(|(a, b)| a == b)
-        .map(|(a, _)| a)
-}
-
-/// `evm <argv>` with the default log level; it must refuse: the contract
-/// of `tests/tests/bad_input.rs`, and the line must not repeat itself and
-/// must name every string in `names` and contain `problem` (any case).
-fn refused(argv: &[&str], names: &[&str], problem: &str) -> EvmRun {
-    let run = run_evm(&evm_bin(), argv, &RunOptions::default(), REFUSE_WAIT);
-    let what = format!("evm {argv:?}");
-    let code = run.status.code();
-    assert!(
-        code.is_some_and(|c| c != 0),
-        "{what}: want a non-zero exit code, got {}",
-        run.status
-    );
-    assert!(run.stdout.is_empty(), "{what}: stdout: {:?}", run.stdout);
-    let err = &run.stderr;
-    for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
-        assert!(
-            !err.contains(bad),
-            "{what}: stderr looks like a panic: {err:?}"
-        );
-    }
-    assert!(
-        err.ends_with('\n') && err.lines().count() == 1,
-        "{what}: want exactly one line on stderr, got {err:?}"
-    );
-    let line = err.trim_end();
-    assert!(
-        line.starts_with("evm: "),
-        "{what}: stderr does not start with 'evm: ': {err:?}"
-    );
-    if let Some(twice) = repeated(line.trim_start_matches("evm: ")) {
-        panic!("{what}: the message says the same thing twice ({twice:?}): {err:?}");
-    }
-    for name in names {
-        assert!(
-            err.contains(name),
-            "{what}: stderr does not name {name:?}: {err:?}"
-        );
-    }
-    assert!(
-        err.to_lowercase().contains(&problem.to_lowercase()),
-        "{what}: stderr does not say {problem:?}: {err:?}"
-    );
-    run
 }
 
 /// After a run that recovered from damage: exactly one stderr line says
@@ -521,7 +463,7 @@ fn flags_contradicting_the_stored_config_are_refused() {
 #[test]
 fn newer_format_version_is_refused() {
     let b = Built::new("store-version");
-    let set_v2 = |blk: &mut [u8]| put_u32(blk, SB_VERSION_OFF, 2);
+    let set_v2 = |blk: &mut [u8]| put_u32(blk, SB_VERSION_OFF, store_file::FORMAT_VERSION + 1);
     let both = b.copy("v2-both.store");
     for slot in [0, 1] {
         store_file::patch_superblock(&both, slot, true, set_v2).expect("patch");
@@ -529,13 +471,13 @@ fn newer_format_version_is_refused() {
     refused_unchanged(
         &both,
         &[],
-        &["store format version 2", "this evm reads version 1"],
+        &["store format version 3", "this evm reads version 2"],
         "version",
     );
     // One valid block of a newer version is enough to refuse.
     let one = b.copy("v2-a.store");
     store_file::patch_superblock(&one, 0, true, set_v2).expect("patch");
-    refused_unchanged(&one, &[], &["store format version 2"], "version");
+    refused_unchanged(&one, &[], &["store format version 3"], "version");
     // A block with another version and a bad CRC is merely corrupt: the
     // other superblock is used.
     let torn = b.copy("v2-a-bad-crc.store");

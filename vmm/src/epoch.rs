@@ -24,8 +24,9 @@ pub enum Order {
     Now(Sender<Result<u64, String>>),
     /// Take a final epoch, commit it, and stop.
     Final(Sender<Result<u64, String>>),
-    /// Stop without another epoch and mark the store as holding no machine
-    /// state (the guest powered off or reset).
+    /// Commit a last epoch (so the disk writes made since the previous one
+    /// are kept), stop, and mark the store as holding no machine state (the
+    /// guest powered off or reset).
     Discard(Sender<Result<(), String>>),
 }
 
@@ -117,6 +118,16 @@ fn run(freezer: Freezer, mut store: Store, interval: Duration, orders: Receiver<
                 return;
             }
             Some(Order::Discard(reply)) => {
+                // The disk outlives the machine: its last writes go into an
+                // epoch first, which the discard then folds into home.
+                // A vCPU that ended (triple fault, KVM's shutdown event)
+                // cannot be frozen: the disk then keeps the last committed
+                // epoch's contents, as after a power cut.
+                if let Err(e) = take_epoch(&freezer, &mut store, &mut carry) {
+                    log::warn!(
+                        "no last epoch at power-off ({e}): the disk keeps the last committed epoch's contents"
+                    );
+                }
                 let _ = reply.send(store.discard_machine_state().map_err(|e| e.to_string()));
                 return;
             }
@@ -137,10 +148,19 @@ fn take_epoch(freezer: &Freezer, store: &mut Store, carry: &mut Vec<u64>) -> Res
         .iter()
         .enumerate()
         .map(|(i, off)| (*off, &frozen.data[i * PAGE..(i + 1) * PAGE]));
-    let info = match store.append_epoch(&meta, &mut pages, &frozen.state) {
+    // Sorted, so that the log's disk records (and export) are in order.
+    let mut blocks: Vec<(&u64, &std::sync::Arc<_>)> = frozen.disk.iter().collect();
+    blocks.sort_unstable_by_key(|(off, _)| **off);
+    let mut disk = blocks.iter().map(|(off, b)| (**off, &b[..]));
+    let info = match store.append_epoch_with_disk(&meta, &mut pages, &mut disk, &frozen.state) {
         Ok(info) => {
             carry.clear();
             freezer.recycle(frozen.data);
+            // The store serves these blocks now (the overlay seals them
+            // again into the next epoch if this commit had failed).
+            if let Some(d) = &freezer.devices.disk {
+                d.committed();
+            }
             info
         }
         Err(e) => {
@@ -149,10 +169,11 @@ fn take_epoch(freezer: &Freezer, store: &mut Store, carry: &mut Vec<u64>) -> Res
         }
     };
     log::info!(
-        "epoch {} committed: freeze {} µs, {} dirty pages, {:.1} MiB, commit {} µs",
+        "epoch {} committed: freeze {} µs, {} dirty pages, {} disk blocks, {:.1} MiB, commit {} µs",
         info.epoch,
         info.freeze_us,
         info.dirty_pages,
+        info.disk_blocks,
         info.bytes as f64 / (1 << 20) as f64,
         info.commit_latency_us
     );

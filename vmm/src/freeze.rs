@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use devices::GuestMem;
 use devices::serial::{SerialPort, SerialPortState};
-use devices::virtio::{MmioTransport, MmioTransportState};
+use devices::virtio::{BlockMap, EpochDisk, MmioTransport, MmioTransportState};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -54,6 +54,8 @@ pub struct Quiesce {
     pub serial: Arc<Mutex<SerialPort>>,
     /// virtio-mmio transports; while one is locked no request is half done.
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The store's disk, whose overlay is sealed at each freeze.
+    pub disk: Option<Arc<EpochDisk>>,
 }
 
 /// One frozen epoch, ready to be written while the guest runs on.
@@ -68,6 +70,8 @@ pub struct Frozen {
     pub data: Vec<u8>,
     /// The machine state, encoded.
     pub state: Vec<u8>,
+    /// Disk blocks written since the last committed epoch (store disk only).
+    pub disk: Arc<BlockMap>,
     /// How long the vCPUs were stopped.
     pub freeze: Duration,
     /// Wall-clock time of the freeze.
@@ -125,8 +129,9 @@ impl Freezer {
             t_parked.as_micros(),
             start.elapsed().as_micros()
         );
-        let (gpas, data, state) = result?;
+        let (gpas, data, state, disk) = result?;
         Ok(Frozen {
+            disk,
             offsets: gpas.iter().map(|g| image_offset(*g)).collect(),
             gpas,
             data,
@@ -142,7 +147,7 @@ impl Freezer {
         &self,
         vcpus: Vec<ParkedState>,
         carry: &[u64],
-    ) -> Result<(Vec<u64>, Vec<u8>, Vec<u8>), FreezeError> {
+    ) -> Result<(Vec<u64>, Vec<u8>, Vec<u8>, Arc<BlockMap>), FreezeError> {
         let vcpus: Vec<VcpuState> = vcpus
             .into_iter()
             .collect::<Result<_, _>>()
@@ -161,10 +166,16 @@ impl Freezer {
             gpas.len(),
             t.elapsed().as_micros()
         );
+        // With the transports locked no disk request is half done: the
+        // overlay holds exactly the writes the guest's memory knows of.
+        let disk = match &self.devices.disk {
+            Some(d) => d.seal(),
+            None => Arc::default(),
+        };
         drop(transports);
         drop(serial);
         let machine = MachineState::new(vcpus, vm, encode_devices(&devices));
-        Ok((gpas, data, state::encode(&machine)))
+        Ok((gpas, data, state::encode(&machine), disk))
     }
 
     /// Collect the epoch's dirty pages (KVM's log OR the VMM's bitmap) and

@@ -33,6 +33,23 @@ enum Command {
     /// it, SIGTERM and SIGINT commit a final epoch and exit 0. Guest
     /// poweroff/reboot exit 0 and the next run boots again.
     Run(RunArgs),
+    /// Write the guest's disk as of a committed epoch to a raw image.
+    ///
+    /// Reads the store without locking it, so it works while its VM runs.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// The store.
+    #[arg(long, value_name = "PATH")]
+    store: PathBuf,
+    /// Where to write the disk (a new file; an existing one is refused).
+    #[arg(long, value_name = "OUT.img")]
+    disk: PathBuf,
+    /// The epoch [default: the newest committed one].
+    #[arg(long, value_name = "N")]
+    epoch: Option<u64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -54,9 +71,15 @@ struct RunArgs {
     /// Number of vCPUs, 1 to 8 [default: 2].
     #[arg(long, value_name = "N")]
     vcpus: Option<u64>,
-    /// Raw disk image, exposed as virtio-blk (/dev/vda).
+    /// Raw disk image, exposed as virtio-blk (/dev/vda). With a store it
+    /// is imported into the new store, whose disk is part of every epoch;
+    /// with --no-store it is used in place.
     #[arg(long, value_name = "IMG")]
     disk: Option<PathBuf>,
+    /// Size of a new, empty disk kept in the new store (K, M, G, T; a
+    /// multiple of 4 KiB).
+    #[arg(long, value_name = "SIZE", conflicts_with = "disk")]
+    disk_size: Option<String>,
     /// The store: a file or block device that holds the VM. Created if
     /// absent (or all zeros); resumed from if it holds a committed epoch.
     /// Default: $EVM_STORE, else ~/.local/share/evm/default.store.
@@ -118,6 +141,13 @@ fn run(args: RunArgs) -> anyhow::Result<RunEnd> {
         None => None,
     };
     let vcpus = args.vcpus.map(config::check_vcpus).transpose()?;
+    let disk_size = match &args.disk_size {
+        Some(d) => Some((
+            d.clone(),
+            config::parse_size(d).map_err(|e| anyhow::anyhow!("--disk-size: {e}"))?,
+        )),
+        None => None,
+    };
     let interval = parse_interval(&args.interval)?;
     let store = if args.no_store {
         None
@@ -132,6 +162,7 @@ fn run(args: RunArgs) -> anyhow::Result<RunEnd> {
             mem,
             vcpus,
             disk: args.disk,
+            disk_size,
         },
         store,
         interval,
@@ -163,6 +194,9 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Export(args) => vmm::export::disk(&args.store, &args.disk, args.epoch)
+            .map(|_| RunEnd::Stopped)
+            .map_err(Into::into),
     };
     match result {
         Ok(end) => {

@@ -26,8 +26,17 @@ pub struct StoredConfig {
     pub mem_bytes: u64,
     /// vCPU count.
     pub vcpus: u8,
-    /// Disk image.
+    /// Raw disk image used in place (only without a store; a store keeps
+    /// its disk inside, see `disk_bytes`).
     pub disk: Option<PathBuf>,
+    /// Size of the disk kept inside the store (0: none). Its contents are
+    /// part of every epoch.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// The raw image the store's disk was imported from at creation
+    /// (`--disk IMG`), if any; only for checking flags and for display.
+    #[serde(default)]
+    pub disk_import: Option<PathBuf>,
     /// Feature words of the CPUID the guest saw: (leaf, subleaf, register, bits).
     pub cpu_features: Vec<(u32, u32, char, u32)>,
 }
@@ -173,6 +182,8 @@ pub struct Flags {
     pub vcpus: Option<u8>,
     /// `--disk`.
     pub disk: Option<PathBuf>,
+    /// `--disk-size` (parsed).
+    pub disk_size: Option<(String, u64)>,
 }
 
 fn same<T: PartialEq + std::fmt::Debug>(
@@ -220,12 +231,30 @@ pub fn check_flags(flags: &Flags, stored: &StoredConfig) -> Result<(), PersistEr
     same("--vcpus", flags.vcpus.as_ref(), &stored.vcpus, |v| {
         v.to_string()
     })?;
+    let stored_disk = if stored.disk_bytes > 0 {
+        &stored.disk_import
+    } else {
+        &stored.disk
+    };
     same(
         "--disk",
         flags.disk.as_ref().map(|p| Some(p.clone())).as_ref(),
-        &stored.disk,
+        stored_disk,
         opt_path,
     )?;
+    if let Some((text, bytes)) = &flags.disk_size
+        && *bytes != stored.disk_bytes
+    {
+        return Err(PersistError::Contradicts {
+            flag: "--disk-size",
+            given: text.clone(),
+            stored: if stored.disk_bytes == 0 {
+                "no disk".into()
+            } else {
+                format!("{}M", stored.disk_bytes >> 20)
+            },
+        });
+    }
     Ok(())
 }
 
@@ -243,6 +272,8 @@ mod tests {
             mem_bytes: 512 << 20,
             vcpus: 2,
             disk: None,
+            disk_bytes: 0,
+            disk_import: None,
             cpu_features: vec![(1, 0, 'c', 0b1010)],
         }
     }
@@ -286,6 +317,46 @@ mod tests {
                 .to_string()
                 .contains("--disk /d")
         );
+    }
+
+    #[test]
+    fn store_disk_flags_are_checked_against_the_store() {
+        let mut c = cfg();
+        c.disk_bytes = 64 << 20;
+        c.disk_import = Some("/img".into());
+        let f = Flags {
+            disk: Some("/img".into()),
+            disk_size: None,
+            ..Default::default()
+        };
+        assert!(check_flags(&f, &c).is_ok());
+        let f = Flags {
+            disk_size: Some(("64M".into(), 64 << 20)),
+            ..Default::default()
+        };
+        assert!(check_flags(&f, &c).is_ok());
+        let f = Flags {
+            disk_size: Some(("1G".into(), 1 << 30)),
+            ..Default::default()
+        };
+        let e = check_flags(&f, &c).unwrap_err().to_string();
+        assert!(e.contains("--disk-size 1G") && e.contains("64M"), "{e}");
+        let f = Flags {
+            disk: Some("/other".into()),
+            ..Default::default()
+        };
+        let e = check_flags(&f, &c).unwrap_err().to_string();
+        assert!(e.contains("--disk /other") && e.contains("/img"), "{e}");
+        let e = check_flags(
+            &Flags {
+                disk_size: Some(("4M".into(), 4 << 20)),
+                ..Default::default()
+            },
+            &cfg(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no disk"), "{e}");
     }
 
     #[test]

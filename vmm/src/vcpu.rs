@@ -256,7 +256,7 @@ fn run_loop<T>(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext<T>) -> Option<VmE
                 }
             }
             Ok(VcpuExit::Shutdown) => {
-                log::info!("vcpu{index}: triple fault; treating it as a reset");
+                log::warn!("vcpu{index}: triple fault; treating it as a reset");
                 return Some(VmEvent::Reset);
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {

@@ -30,6 +30,7 @@ use crate::host::{self, HostError};
 use crate::memory::{self, MemoryError};
 use crate::persist::{self, Flags, PersistError, StoredConfig};
 use crate::state::{self, MachineState};
+use crate::store_disk::{self, StoreDiskError};
 use crate::vcpu::{self, Pauser, VcpuContext, VmEvent};
 use crate::{acpi, cpuid, signals};
 
@@ -67,6 +68,9 @@ pub enum VmError {
         #[source]
         source: devices::virtio::BlockError,
     },
+    /// The store's disk.
+    #[error(transparent)]
+    StoreDisk(#[from] crate::store_disk::StoreDiskError),
     /// Attaching virtio devices failed.
     #[error(transparent)]
     Virtio(#[from] crate::virtio::VirtioError),
@@ -177,6 +181,8 @@ fn config_from_flags(flags: &Flags) -> Result<StoredConfig, VmError> {
         mem_bytes: flags.mem.as_ref().map(|m| m.1).unwrap_or(DEFAULT_MEM),
         vcpus: flags.vcpus.unwrap_or(DEFAULT_VCPUS),
         disk: flags.disk.clone(),
+        disk_bytes: 0,
+        disk_import: None,
         cpu_features: Vec::new(),
     })
 }
@@ -261,13 +267,23 @@ fn open_or_create_store(
             })?;
         }
         config.cpu_features = persist::cpu_features(supported);
+        // A store keeps its disk inside: `--disk IMG` is imported.
+        let (disk_bytes, import) =
+            store_disk::plan(config.disk.as_deref(), opts.flags.disk_size.as_ref())?;
+        config.disk = None;
+        config.disk_bytes = disk_bytes;
+        config.disk_import = import;
         let create = CreateOptions {
             mem_bytes: config.mem_bytes,
+            disk_bytes,
             log_bytes: default_log_bytes(config.mem_bytes),
             config: config.encode(),
         };
-        let store = Store::create(path, &create).map_err(store_err(path))?;
+        let mut store = Store::create(path, &create).map_err(store_err(path))?;
         log::info!("created store {}", path.display());
+        if let Some(img) = &config.disk_import {
+            store_disk::import(&mut store, img)?;
+        }
         return Ok(Opened {
             store,
             config,
@@ -324,6 +340,9 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
     if opts.store.is_none() && flag_config.is_none() {
         return Err(VmError::NoKernel);
     }
+    if let (None, Some((text, _))) = (&opts.store, &opts.flags.disk_size) {
+        return Err(StoreDiskError::SizeWithoutStore(text.clone()).into());
+    }
     let kvm = host::open_kvm()?;
     if let Some(c) = &flag_config
         && !c.probe
@@ -376,7 +395,13 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
     } else {
         None
     };
-    let disk = open_disk(&config)?;
+    let (disk, epoch_disk) = match &opened {
+        Some(o) if config.disk_bytes > 0 => {
+            let (block, epoch) = store_disk::device(&o.store)?;
+            (Some(block), Some(epoch))
+        }
+        _ => (open_disk(&config)?, None),
+    };
 
     let vm = Arc::new(create_vm(&kvm)?);
     let mem = memory::create(config.mem_bytes)?;
@@ -518,6 +543,7 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
     let quiesce = Quiesce {
         serial: serial.clone(),
         virtio: attached.transports.clone(),
+        disk: epoch_disk,
     };
     attached
         .event_loop

@@ -9,7 +9,8 @@ use crate::{CreateOptions, Store};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Append(Vec<u64>, usize),
+    /// Pages, disk blocks (byte offsets), state length.
+    Append(Vec<u64>, Vec<u64>, usize),
     /// Migrate through the n-th newest retained epoch (0 = newest).
     Migrate(usize),
     Discard,
@@ -34,19 +35,20 @@ fn pages(list: &[u64]) -> Vec<u64> {
 /// The brief's script: create, 5 epochs with overlapping pages, a
 /// migration, 3 more epochs; then a discard and one more epoch.
 fn scripted() -> Vec<Op> {
+    let a = |p: &[u64], d: &[u64], s| Op::Append(pages(p), pages(d), s);
     vec![
-        Op::Append(pages(&[0, 1, 2, 3]), 300),
-        Op::Append(pages(&[2, 3, 4]), 200),
-        Op::Append(pages(&[0, 4, 5, 6, 7, 8]), 5000),
-        Op::Append(pages(&[1, 8]), 0),
-        Op::Append(pages(&[9, 10, 3]), 100),
+        a(&[0, 1, 2, 3], &[0, 1], 300),
+        a(&[2, 3, 4], &[1, 15], 200),
+        a(&[0, 4, 5, 6, 7, 8], &[], 5000),
+        a(&[1, 8], &[2, 0], 0),
+        a(&[9, 10, 3], &[1], 100),
         Op::Migrate(1),
-        Op::Append(pages(&[3, 11]), 100),
-        Op::Append(pages(&[12, 13, 14, 15, 0]), 100),
-        Op::Append(pages(&[11]), 100),
+        a(&[3, 11], &[3, 1], 100),
+        a(&[12, 13, 14, 15, 0], &[], 100),
+        a(&[11], &[4, 15], 100),
         Op::Reopen,
         Op::Discard,
-        Op::Append(pages(&[5]), 50),
+        a(&[5], &[4], 50),
     ]
 }
 
@@ -63,9 +65,9 @@ fn run(dev: &CrashDevice, o: &CreateOptions, ops: &[Op], seed: u64, model: &mut 
     p.created = true;
     for op in ops {
         let r = match op {
-            Op::Append(gpas, state) => {
+            Op::Append(gpas, disk, state) => {
                 p.in_flight = Some(Some(store.next_epoch()));
-                match append(&mut store, model, seed, gpas, *state) {
+                match append_disk(&mut store, model, seed, gpas, disk, *state) {
                     Ok(e) => {
                         p.floor = Some(e);
                         Ok(())
@@ -139,11 +141,26 @@ fn check(dev: CrashDevice, model: &Model, p: &Progress, seed: u64, what: &str) {
         }
         // The recovered store keeps working: one more epoch, then reopen.
         let mut store = store;
-        let mut m2 = Model::new(model.mem.len() as u64);
-        if let Some(e) = got {
-            m2.mem = model.epochs[&e].0.clone();
+        let mut m2 = Model::with_disk(model.mem.len() as u64, model.disk.len() as u64);
+        match got {
+            Some(e) => {
+                m2.mem = model.epochs[&e].0.clone();
+                m2.disk = model.epochs[&e].2.clone();
+            }
+            // No epoch (never one, or discarded): the disk home is the
+            // newest committed disk, which a discard keeps.
+            None => m2.disk = model.disk.clone(),
         }
-        let e = append(&mut store, &mut m2, seed ^ 0xabc, &[0, 2 * PAGE as u64], 70).unwrap();
+        Model::verify_view(&store, &m2.disk);
+        let e = append_disk(
+            &mut store,
+            &mut m2,
+            seed ^ 0xabc,
+            &[0, 2 * PAGE as u64],
+            &[PAGE as u64],
+            70,
+        )
+        .unwrap();
         let store = Store::open_with_io(label(), dev.io(), true).unwrap();
         assert_eq!(
             store.last_epoch(),
@@ -155,6 +172,12 @@ fn check(dev: CrashDevice, model: &Model, p: &Progress, seed: u64, what: &str) {
         assert!(
             buf == m2.mem,
             "{what}: epoch appended after recovery reads back wrong"
+        );
+        let mut disk = Vec::new();
+        store.read_disk(e, &mut disk).unwrap();
+        assert!(
+            disk == m2.disk,
+            "{what}: disk of the epoch appended after recovery reads back wrong"
         );
     }
 }
@@ -227,7 +250,7 @@ fn crash_at_every_write_and_sync_with_a_small_ring() {
     assert!(cases > 400, "only {cases} cases");
 }
 
-fn random_ops(rng: &mut Rng, mem_pages: u64, max_pages: u64) -> Vec<Op> {
+fn random_ops(rng: &mut Rng, mem_pages: u64, max_pages: u64, disk_blocks: u64) -> Vec<Op> {
     let n = 4 + rng.below(14);
     (0..n)
         .map(|_| match rng.below(20) {
@@ -236,7 +259,11 @@ fn random_ops(rng: &mut Rng, mem_pages: u64, max_pages: u64) -> Vec<Op> {
                 let mut g: Vec<u64> = (0..k).map(|_| rng.below(mem_pages) * PAGE as u64).collect();
                 g.sort_unstable();
                 g.dedup();
-                Op::Append(g, rng.below(3 * PAGE as u64) as usize)
+                // Disk blocks: unsorted, sometimes repeated (the later wins).
+                let d: Vec<u64> = (0..rng.below(4))
+                    .map(|_| rng.below(disk_blocks) * PAGE as u64)
+                    .collect();
+                Op::Append(g, d, rng.below(3 * PAGE as u64) as usize)
             }
             14..=16 => Op::Migrate(rng.below(3) as usize),
             17 => Op::Discard,
@@ -259,7 +286,7 @@ fn random_sequences_and_cuts_against_the_model() {
         } else {
             (log_blocks / 3).min(mem_pages)
         };
-        let ops = random_ops(&mut rng, mem_pages, max_pages);
+        let ops = random_ops(&mut rng, mem_pages, max_pages, DISK_BYTES / PAGE as u64);
         let dry = CrashDevice::new(o.store_bytes());
         let mut model = Model::new(o.mem_bytes);
         let p = run(&dry, &o, &ops, case, &mut model);

@@ -204,3 +204,45 @@ fn a_file_that_only_starts_with_zeros_is_not_blank_and_is_left_alone() {
     f.set_len(1 << 30).unwrap();
     assert!(Store::is_blank(&sparse).unwrap());
 }
+
+#[test]
+fn disk_import_view_and_export_on_a_real_file() {
+    let dir = TempDir::new();
+    let path = dir.path("vm.evm");
+    let img_path = dir.path("disk.img");
+    let mut image = vec![0u8; DISK_BYTES as usize];
+    image[5 * PAGE..6 * PAGE].copy_from_slice(&block_data(1, 0, 5));
+    std::fs::write(&img_path, &image).unwrap();
+    let o = file_opts();
+    let mut store = Store::create(&path, &o).unwrap();
+    let mut f = std::fs::File::open(&img_path).unwrap();
+    store.import_disk(&mut f, DISK_BYTES).unwrap();
+    let view = store.disk_view();
+    let mut model = Model::new(o.mem_bytes);
+    model.disk = image;
+    let offs: Vec<u64> = (0..8).map(|i| i * 2 * PAGE as u64).collect();
+    append_disk(&mut store, &mut model, 4, &[0], &offs, 10).unwrap();
+    append_disk(&mut store, &mut model, 4, &[0], &offs[2..5], 10).unwrap();
+    // The view works from another thread, before and after migration.
+    let check = |disk: Vec<u8>| {
+        let v = view.clone();
+        std::thread::spawn(move || {
+            let mut b = [0u8; PAGE];
+            for (i, want) in disk.chunks(PAGE).enumerate() {
+                v.read_block((i * PAGE) as u64, &mut b).unwrap();
+                assert!(b[..] == *want, "block {i} differs");
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    check(model.disk.clone());
+    store.migrate(1).unwrap();
+    check(model.disk.clone());
+    let mut out = Vec::new();
+    store.read_disk(2, &mut out).unwrap();
+    assert!(out == model.disk);
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(model.verify(&store), Some(2));
+}

@@ -222,28 +222,30 @@ fn both_superblocks_corrupt_is_refused() {
 fn unknown_version_is_refused() {
     let (dev, store) = mem_store(64 * 1024, 64 * 1024);
     drop(store);
-    // A newer evm rewrote one superblock (valid CRC, version 2).
-    dev.corrupt(0, |b| {
-        put_u32(b, 8, 2);
-        let crc = crate::crc32c(&b[..4092]);
-        put_u32(b, 4092, crc);
-    });
-    let err = Store::open_with_io(label(), dev.io(), true).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::UnknownVersion {
-                found: 2,
-                supported: 1,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert_eq!(
-        err.to_string(),
-        "/test/store: store format version 2; this evm reads version 1"
-    );
+    // A newer evm rewrote one superblock (valid CRC, version 3); or an
+    // older one wrote it (version 1, before the disk was in the store).
+    for v in [FORMAT_VERSION + 1, 1] {
+        let dev = dev.after_power_cut(crate::testing::PowerCut::AllWritten);
+        dev.corrupt(0, |b| {
+            put_u32(b, 8, v);
+            let crc = crate::crc32c(&b[..4092]);
+            put_u32(b, 4092, crc);
+        });
+        let Err(err) = Store::open_with_io(label(), dev.io(), true) else {
+            panic!("version {v} accepted");
+        };
+        assert!(
+            matches!(
+                err,
+                StoreError::UnknownVersion { found, supported: 2, .. } if found == v
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("/test/store: store format version {v}; this evm reads version 2")
+        );
+    }
     // A damaged version field (CRC wrong) next to a good superblock is just
     // a corrupt superblock.
     dev.corrupt(0, |b| put_u32(b, 8, 7));
@@ -363,6 +365,7 @@ fn corrupt_epoch_falls_back_to_the_previous_one() {
     let mut s = s;
     let mut model2 = Model::new(64 * 1024);
     model2.mem = model.epochs[&2].0.clone();
+    model2.disk = model.epochs[&2].2.clone();
     model2.epochs.insert(2, model.epochs[&2].clone());
     model2.epochs.insert(1, model.epochs[&1].clone());
     append(&mut s, &mut model2, 8, &[0x1000], 5).unwrap();

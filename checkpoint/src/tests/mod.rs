@@ -2,6 +2,7 @@
 //! files (`file`), and power cuts against a model (`crash`).
 
 mod crash;
+mod disk;
 mod file;
 mod format;
 
@@ -35,14 +36,40 @@ pub(crate) fn state_blob(seed: u64, epoch: u64, len: usize) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub(crate) struct Model {
     pub mem: Vec<u8>,
-    pub epochs: BTreeMap<u64, (Vec<u8>, Vec<u8>)>,
+    /// The disk as of the newest epoch whose append returned Ok (kept
+    /// across a discard).
+    pub disk: Vec<u8>,
+    pub epochs: BTreeMap<u64, Snapshot>,
 }
+
+/// One committed epoch in the model: memory, state, disk.
+pub(crate) type Snapshot = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// Disk size of the stores made by [`opts`].
+pub(crate) const DISK_BYTES: u64 = 64 * 1024;
 
 impl Model {
     pub fn new(mem_bytes: u64) -> Model {
+        Model::with_disk(mem_bytes, DISK_BYTES)
+    }
+
+    pub fn with_disk(mem_bytes: u64, disk_bytes: u64) -> Model {
         Model {
             mem: vec![0; mem_bytes as usize],
+            disk: vec![0; disk_bytes as usize],
             epochs: BTreeMap::new(),
+        }
+    }
+
+    /// Check the store's disk home (through an epoch-less store, e.g. after
+    /// a discard) and its disk view against `disk`.
+    pub fn verify_view(store: &Store, disk: &[u8]) {
+        let view = store.disk_view();
+        assert_eq!(view.disk_bytes(), disk.len() as u64);
+        let mut b = [0u8; PAGE];
+        for (i, want) in disk.chunks(PAGE).enumerate() {
+            view.read_block((i * PAGE) as u64, &mut b).unwrap();
+            assert!(b[..] == *want, "disk view: block {:#x} differs", i * PAGE);
         }
     }
 
@@ -55,10 +82,25 @@ impl Model {
             offered.push(store.home_epoch());
         }
         for e in offered {
-            let (mem, state) = self
+            let (mem, state, disk) = self
                 .epochs
                 .get(&e)
                 .unwrap_or_else(|| panic!("store offers epoch {e} the model never committed"));
+            let mut got = Vec::new();
+            store.read_disk(e, &mut got).unwrap();
+            assert!(got == *disk, "epoch {e}: disk differs from the model");
+            if !disk.is_empty() {
+                let off = (e * 5 % (disk.len() / PAGE) as u64) * PAGE as u64;
+                let mut b = [0u8; PAGE];
+                store.read_disk_block(e, off, &mut b).unwrap();
+                assert!(
+                    b[..] == disk[off as usize..off as usize + PAGE],
+                    "epoch {e}: disk block {off:#x} differs"
+                );
+            }
+            if Some(e) == store.last_epoch() {
+                Model::verify_view(store, disk);
+            }
             store.read_memory(e, &mut buf).unwrap();
             assert!(buf == *mem, "epoch {e}: memory differs from the model");
             assert_eq!(
@@ -88,7 +130,32 @@ pub(crate) fn append(
     gpas: &[u64],
     state_len: usize,
 ) -> Result<u64, StoreError> {
+    append_disk(store, model, seed, gpas, &[], state_len)
+}
+
+/// Deterministic contents for disk block `off` of `epoch`.
+pub(crate) fn block_data(seed: u64, epoch: u64, off: u64) -> Vec<u8> {
+    page_data(seed ^ 0xd15c_0000_0000, epoch, off)
+}
+
+/// [`append`], with disk blocks at `disk` (data from `block_data`).
+pub(crate) fn append_disk(
+    store: &mut Store,
+    model: &mut Model,
+    seed: u64,
+    gpas: &[u64],
+    disk: &[u64],
+    state_len: usize,
+) -> Result<u64, StoreError> {
     let epoch = store.next_epoch();
+    let blocks: Vec<(u64, Vec<u8>)> = disk
+        .iter()
+        .map(|&o| (o, block_data(seed, epoch, o)))
+        .collect();
+    let mut dsk = model.disk.clone();
+    for (o, d) in &blocks {
+        dsk[*o as usize..*o as usize + PAGE].copy_from_slice(d);
+    }
     let datas: Vec<(u64, Vec<u8>)> = gpas
         .iter()
         .map(|&g| (g, page_data(seed, epoch, g)))
@@ -103,17 +170,23 @@ pub(crate) fn append(
     for (g, d) in &datas {
         mem[*g as usize..*g as usize + PAGE].copy_from_slice(d);
     }
-    model.epochs.insert(epoch, (mem.clone(), state.clone()));
+    model
+        .epochs
+        .insert(epoch, (mem.clone(), state.clone(), dsk.clone()));
     let mut it = datas.iter().map(|(g, d)| (*g, d.as_slice()));
-    let info = store.append_epoch(&meta, &mut it, &state)?;
+    let mut dit = blocks.iter().map(|(o, d)| (*o, d.as_slice()));
+    let info = store.append_epoch_with_disk(&meta, &mut it, &mut dit, &state)?;
     assert_eq!(info.epoch, epoch);
+    assert_eq!(info.disk_blocks, disk.len() as u64);
     model.mem = mem;
+    model.disk = dsk;
     Ok(epoch)
 }
 
 pub(crate) fn opts(mem: u64, log: u64) -> CreateOptions {
     CreateOptions {
         mem_bytes: mem,
+        disk_bytes: DISK_BYTES,
         log_bytes: log,
         config: b"{\"vm\":\"test\"}".to_vec(),
     }

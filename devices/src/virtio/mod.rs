@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::GuestMem;
 
-pub use block::{Block, BlockError, BlockState};
+pub use block::{Block, BlockError, BlockMap, BlockState, CommittedBlocks, EpochDisk};
 pub use mmio::{MmioError, MmioTransport, MmioTransportState, VirtqState};
 pub use rng::{Rng, RngState};
 pub use subscriber::VirtioSubscriber;
