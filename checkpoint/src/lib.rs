@@ -39,6 +39,7 @@
 mod crc;
 mod disk;
 mod error;
+mod fault;
 pub mod format;
 mod io;
 mod migrate;
@@ -56,5 +57,6 @@ mod tests;
 pub use crc::{crc32c, crc32c_update};
 pub use disk::DiskView;
 pub use error::StoreError;
+pub use fault::{FaultOp, FaultPlan, FaultPlanError, FaultyIo};
 pub use io::{FileIo, ReadAt, StoreIo};
 pub use store::{CreateOptions, EpochInfo, EpochMeta, RecoveryNote, Store};

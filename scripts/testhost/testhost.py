@@ -76,6 +76,15 @@ def host_tsc_khz() -> int | None:
     return None
 
 
+def tcg_thread() -> str:
+    """TCG threading of L1: `multi` (a host thread per L1 vCPU) unless
+    EVM_TESTHOST_TCG_THREAD says `single`."""
+    v = os.environ.get("EVM_TESTHOST_TCG_THREAD", "multi")
+    if v not in ("single", "multi"):
+        raise TesthostError(f"EVM_TESTHOST_TCG_THREAD={v}: want single or multi")
+    return v
+
+
 def env_float(name: str, default: float | None) -> float | None:
     v = os.environ.get(name, "")
     if not v:
@@ -262,7 +271,7 @@ class Testhost:
     def qemu_argv(self, initrd: Path, fds: dict[str, int], mon: Path | None) -> list[str]:
         a = [
             self.qemu,
-            "-accel", "tcg",
+            "-accel", f"tcg,thread={tcg_thread()}",
             "-cpu", "EPYC",
             "-smp", "2",
             "-m", f"{self.spec.l1_mem_mib}M",

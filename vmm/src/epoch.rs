@@ -165,7 +165,7 @@ fn take_epoch(freezer: &Freezer, store: &mut Store, carry: &mut Vec<u64>) -> Res
         }
         Err(e) => {
             *carry = frozen.gpas;
-            return Err(e.to_string());
+            return Err(with_causes(&e));
         }
     };
     log::info!(
@@ -178,4 +178,36 @@ fn take_epoch(freezer: &Freezer, store: &mut Store, carry: &mut Vec<u64>) -> Res
         info.commit_latency_us
     );
     Ok(info.epoch)
+}
+
+/// `e: cause: cause…`, for one log line that says why.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.ends_with(&c_text) {
+            text = format!("{text}: {c_text}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("store /s: sync epoch 4")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn causes_are_joined_once() {
+        let e = Outer(std::io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(
+            with_causes(&e),
+            "store /s: sync epoch 4: Input/output error (os error 5)"
+        );
+    }
 }

@@ -44,6 +44,9 @@ pub const DEFAULT_VCPUS: u8 = 2;
 /// Errors building or running the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// `EVM_INJECT_FAULT` does not parse.
+    #[error("EVM_INJECT_FAULT: {0}")]
+    FaultPlan(#[from] checkpoint::FaultPlanError),
     /// Host problem.
     #[error(transparent)]
     Host(#[from] HostError),
@@ -328,6 +331,7 @@ fn open_or_create_store(
 /// Build the VM described by `opts` and run it until it ends.
 pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
     // Bad input is reported before anything is created.
+    let faults = fault_plan()?;
     let flag_config = match opts.flags.kernel {
         Some(_) => {
             let c = config_from_flags(&opts.flags)?;
@@ -560,7 +564,30 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
         events_rx,
         msrs: state::msr_indices_to_save(&kvm).map_err(|e| VmError::Run(e.to_string()))?,
     };
-    running.run(vcpus, opened.map(|o| o.store), opts.interval)
+    let store = opened.map(|o| {
+        let mut store = o.store;
+        if let Some(plan) = faults {
+            log::warn!(
+                "EVM_INJECT_FAULT: store {:?} will fail with errno {} after {} more (testing)",
+                plan.op,
+                plan.errno,
+                plan.skip
+            );
+            store.inject_faults(plan);
+        }
+        store
+    });
+    running.run(vcpus, store, opts.interval)
+}
+
+/// The store fault plan of `EVM_INJECT_FAULT`, if set: failures injected
+/// into the store's writes or syncs from the first epoch on, to test how
+/// evm rides out a failing store (`checkpoint::FaultPlan` has the syntax).
+fn fault_plan() -> Result<Option<checkpoint::FaultPlan>, VmError> {
+    match std::env::var("EVM_INJECT_FAULT") {
+        Ok(v) if !v.is_empty() => Ok(Some(v.parse()?)),
+        _ => Ok(None),
+    }
 }
 
 /// Load the epoch's memory image into guest RAM.
