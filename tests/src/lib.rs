@@ -20,6 +20,7 @@ pub mod evm_process;
 pub mod guest;
 pub mod host;
 pub mod lock;
+pub mod probe_run;
 pub mod refusal;
 pub mod store_file;
 pub mod store_run;

@@ -13,21 +13,16 @@
 //! these tests fail, never skip.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use evm_tests::evm_process::{
-    EpochLine, EvmProcess, Seen, SplitMix64, final_epoch, probe_elf, probe_failure, resumed_epoch,
-    verified_vcpu,
-};
+use evm_tests::evm_process::{SplitMix64, probe_elf};
+use evm_tests::probe_run::{self, WAIT};
 use evm_tests::refusal::{refused, s};
 use evm_tests::store_file::fingerprint;
 use evm_tests::{TempDir, evm_bin, require_kvm};
 
-const WAIT: Duration = Duration::from_secs(120);
 const MEM: &str = "64M";
 const CMDLINE: &str = "dirty=4 rate=16 verify_every=1 report=1";
 const INTERVAL: &str = "100ms";
-const LOG: &[(&str, &str)] = &[("EVM_LOG", "info")];
 /// The imported image: 6 MiB of seeded bytes with zero runs between.
 const IMAGE_BYTES: usize = 6 << 20;
 
@@ -49,47 +44,6 @@ fn image(dir: &TempDir) -> PathBuf {
         }
     }
     dir.write("import.img", &img, 0o644)
-}
-
-/// SIGTERM: a final epoch and exit 0; returns its number.
-fn stop(p: &mut EvmProcess) -> u64 {
-    p.signal(libc::SIGTERM).expect("SIGTERM evm");
-    let status = p.wait_exit(WAIT).expect("evm exits after SIGTERM");
-    assert!(
-        status.success(),
-        "SIGTERM: evm exited with {status}\n{}",
-        p.tail()
-    );
-    p.lines()
-        .iter()
-        .find_map(|l| final_epoch(&l.text))
-        .unwrap_or_else(|| panic!("SIGTERM: no final epoch line\n{}", p.tail()))
-}
-
-/// Runs evm with `argv` until it has committed three epochs and the probe
-/// has verified its pages (after `resumed`: said it resumed), then stops
-/// it; returns the first epoch it committed and the final one.
-fn run_three_epochs(argv: &[String], resumed: bool) -> (u64, u64) {
-    let mut p = EvmProcess::spawn(&evm_bin(), argv, LOG).expect("start evm");
-    let mut epochs = Vec::new();
-    let mut verified = false;
-    let mut said_resumed = !resumed;
-    p.wait_for("3 committed epochs and a PROBE VERIFY OK", WAIT, |l| {
-        if let Some(bad) = probe_failure(l, resumed) {
-            return Seen::Bad(bad);
-        }
-        epochs.extend(EpochLine::parse(&l.text).map(|e| e.epoch));
-        verified |= verified_vcpu(l).is_some();
-        said_resumed |= resumed_epoch(&l.text).is_some();
-        if epochs.len() >= 3 && verified && said_resumed {
-            Seen::Yes
-        } else {
-            Seen::No
-        }
-    })
-    .unwrap_or_else(|e| panic!("evm {argv:?}: {e}"));
-    let last = stop(&mut p);
-    (epochs[0], last)
 }
 
 /// `evm run --store <store>` with the probe, a new store.
@@ -162,7 +116,7 @@ fn imported_disk_exports_unchanged_from_every_epoch_and_after_resume() {
     let img = image(&dir);
     let before = fingerprint(&img).expect("fingerprint");
     let store = dir.join("vm.store");
-    let (first, last) = run_three_epochs(&boot_args(&store, &["--disk", s(&img)]), false);
+    let (first, last) = probe_run::three_epochs(&boot_args(&store, &["--disk", s(&img)]), false);
     assert_eq!(
         fingerprint(&img).expect("fingerprint"),
         before,
@@ -177,7 +131,7 @@ fn imported_disk_exports_unchanged_from_every_epoch_and_after_resume() {
     same_bytes(&img, &out_last);
 
     // Resume without the flag: the disk is the store's.
-    let (_, again) = run_three_epochs(
+    let (_, again) = probe_run::three_epochs(
         &args(&["run", "--store", s(&store), "--interval", INTERVAL]),
         true,
     );
@@ -347,7 +301,7 @@ fn store_without_a_disk_and_bad_disk_sizes_are_refused() {
 
     // A store made without a disk has none to export.
     let plain = dir.join("plain.store");
-    run_three_epochs(&boot_args(&plain, &[]), false);
+    probe_run::three_epochs(&boot_args(&plain, &[]), false);
     let plain_before = fingerprint(&plain).expect("fingerprint");
     refused(
         &[
