@@ -36,19 +36,6 @@ pub enum ExportError {
     },
 }
 
-/// The retained epochs of `store`, for messages.
-fn retained(store: &Store) -> String {
-    let mut all: Vec<u64> = store.epochs().iter().map(|e| e.epoch).collect();
-    if store.resumable() && store.home_epoch() > 0 && !all.contains(&store.home_epoch()) {
-        all.insert(0, store.home_epoch());
-    }
-    match (all.first(), all.last()) {
-        (Some(a), Some(b)) if a == b => a.to_string(),
-        (Some(a), Some(b)) => format!("{a}..{b}"),
-        _ => "none".into(),
-    }
-}
-
 /// Write the disk of `epoch` (default: the newest) of the store at `store`
 /// to the new file `out`; returns the epoch written, or None for the disk
 /// home of a store without machine state.
@@ -63,12 +50,12 @@ pub fn disk(store_path: &Path, out: &Path, epoch: Option<u64>) -> Result<Option<
         (None, None) => None,
         (None, Some(newest)) => Some(newest),
         (Some(epoch), _) => {
-            let is_home = epoch == store.home_epoch() && store.resumable();
+            let is_home = epoch > 0 && epoch == store.home_epoch() && store.resumable();
             if !is_home && !store.epochs().iter().any(|e| e.epoch == epoch) {
                 return Err(ExportError::NotRetained {
                     epoch,
                     path: store_path.to_path_buf(),
-                    retained: retained(&store),
+                    retained: crate::tools::retained(&store),
                 });
             }
             Some(epoch)

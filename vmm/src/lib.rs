@@ -17,6 +17,7 @@ pub mod persist;
 pub mod signals;
 pub mod state;
 pub mod store_disk;
+pub mod tools;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -33,10 +33,40 @@ enum Command {
     /// it, SIGTERM and SIGINT commit a final epoch and exit 0. Guest
     /// poweroff/reboot exit 0 and the next run boots again.
     Run(RunArgs),
-    /// Write the guest's disk as of a committed epoch to a raw image.
+    /// Write the guest's disk and/or memory as of a committed epoch.
     ///
     /// Reads the store without locking it, so it works while its VM runs.
     Export(ExportArgs),
+    /// List the retained epochs of a store (works while its VM runs).
+    Epochs(EpochsArgs),
+    /// Make a new store whose state is an older epoch of a store.
+    ///
+    /// `evm run --store NEW` then resumes that epoch; the source store is
+    /// only read.
+    Fork(ForkArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct EpochsArgs {
+    /// The store.
+    #[arg(long, value_name = "PATH")]
+    store: PathBuf,
+    /// One JSON document instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ForkArgs {
+    /// The store to fork from.
+    #[arg(long, value_name = "PATH")]
+    store: PathBuf,
+    /// The epoch the new store starts from.
+    #[arg(long, value_name = "N")]
+    epoch: u64,
+    /// The new store (must not exist).
+    #[arg(value_name = "NEW")]
+    new: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -45,8 +75,12 @@ struct ExportArgs {
     #[arg(long, value_name = "PATH")]
     store: PathBuf,
     /// Where to write the disk (a new file; an existing one is refused).
-    #[arg(long, value_name = "OUT.img")]
-    disk: PathBuf,
+    #[arg(long, value_name = "OUT.img", required_unless_present = "memory")]
+    disk: Option<PathBuf>,
+    /// Where to write the guest memory image (a new file): RAM as one flat
+    /// image, the RAM above the 3 GiB MMIO gap following the RAM below it.
+    #[arg(long, value_name = "OUT.raw")]
+    memory: Option<PathBuf>,
     /// The epoch [default: the newest committed one].
     #[arg(long, value_name = "N")]
     epoch: Option<u64>,
@@ -171,6 +205,16 @@ fn run(args: RunArgs) -> anyhow::Result<RunEnd> {
     Ok(vm::run(&opts)?)
 }
 
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    if let Some(out) = &args.disk {
+        vmm::export::disk(&args.store, out, args.epoch)?;
+    }
+    if let Some(out) = &args.memory {
+        vmm::tools::export_memory(&args.store, out, args.epoch)?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     vmm::logger::init();
     if let Err(e) = vmm::signals::block_stop_signals() {
@@ -194,7 +238,11 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Export(args) => vmm::export::disk(&args.store, &args.disk, args.epoch)
+        Command::Export(args) => export(args).map(|()| RunEnd::Stopped),
+        Command::Epochs(args) => vmm::tools::epochs(&args.store, args.json)
+            .map(|()| RunEnd::Stopped)
+            .map_err(Into::into),
+        Command::Fork(args) => vmm::tools::fork(&args.store, args.epoch, &args.new)
             .map(|_| RunEnd::Stopped)
             .map_err(Into::into),
     };
