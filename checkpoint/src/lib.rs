@@ -59,4 +59,5 @@ pub use disk::DiskView;
 pub use error::StoreError;
 pub use fault::{FaultOp, FaultPlan, FaultPlanError, FaultyIo};
 pub use io::{FileIo, ReadAt, StoreIo};
+pub use read::EpochDiff;
 pub use store::{CreateOptions, EpochInfo, EpochMeta, RecoveryNote, Store};

@@ -9,7 +9,36 @@ use crate::store::{Store, read_superblocks};
 /// Home is read into the caller's buffer in pieces of this size.
 const HOME_READ: usize = 8 << 20;
 
+/// What changed from one committed epoch to a later one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EpochDiff {
+    /// Memory pages (byte offsets in the flat memory image) written by the
+    /// epochs after the first, up to and including the second; sorted.
+    pub pages: Vec<u64>,
+    /// Disk blocks (byte offsets on the disk) written the same way; sorted.
+    pub disk_blocks: Vec<u64>,
+}
+
 impl Store {
+    /// Pages and disk blocks recorded by the epochs after `from` up to and
+    /// including `to` (both retained, `from < to`): everything that can
+    /// differ between the two (a page rewritten with the same bytes is
+    /// listed too).
+    pub fn changed_between(&self, from: u64, to: u64) -> Result<EpochDiff, StoreError> {
+        let a = self.epochs_through(from)?;
+        let b = self.epochs_through(to)?;
+        let mut diff = EpochDiff::default();
+        for e in self.log.get(a..b).unwrap_or_default() {
+            diff.pages.extend(e.pages.iter().map(|p| p.addr));
+            diff.disk_blocks.extend(e.disk.iter().map(|p| p.addr));
+        }
+        for list in [&mut diff.pages, &mut diff.disk_blocks] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        Ok(diff)
+    }
+
     /// How many retained log epochs make up `epoch` (0: home alone).
     pub(crate) fn epochs_through(&self, epoch: u64) -> Result<usize, StoreError> {
         if let Some(i) = self.log[self.readable_from..]

@@ -120,8 +120,51 @@ fn epochs_export_memory_and_fork_of_a_real_store() {
     }
     assert_eq!(json["last_epoch"].as_u64(), Some(last));
 
-    // export --memory of an older epoch; fork it; the fork's epoch 1 is it.
+    // diff: the probe rewrites its 4 MiB buffer, so every epoch's pages
+    // include it; the count is at least the largest epoch's dirty pages.
     let old = commits[2].epoch;
+    let newer = commits[5].epoch;
+    let diff = evm_ok(&[
+        "diff",
+        "--store",
+        s(&store),
+        &old.to_string(),
+        &newer.to_string(),
+    ]);
+    let head = diff.lines().next().unwrap_or_default();
+    let n: u64 = head
+        .split_once(": ")
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad diff summary {head:?}"));
+    let most = commits[3..=5]
+        .iter()
+        .map(|c| c.dirty_pages)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        head.starts_with(&format!("epoch {old} -> {newer}: ")) && n >= most && n > 0,
+        "diff {old} {newer}: {head:?}, but epochs up to {newer} logged up to {most} dirty pages"
+    );
+    assert!(diff.contains("pages (guest-physical):\n  0x"), "{diff}");
+    refused(
+        &[
+            "diff",
+            "--store",
+            s(&store),
+            &newer.to_string(),
+            &old.to_string(),
+        ],
+        &[&newer.to_string(), &old.to_string()],
+        "must be older",
+    );
+    refused(
+        &["diff", "--store", s(&store), &old.to_string(), "99999"],
+        &["99999"],
+        "not a retained",
+    );
+
+    // export --memory of an older epoch; fork it; the fork's epoch 1 is it.
     let mem_old = dir.join("old.raw");
     evm_ok(&[
         "export",

@@ -39,6 +39,8 @@ enum Command {
     Export(ExportArgs),
     /// List the retained epochs of a store (works while its VM runs).
     Epochs(EpochsArgs),
+    /// Pages and disk blocks written between two epochs of a store.
+    Diff(DiffArgs),
     /// Make a new store whose state is an older epoch of a store.
     ///
     /// `evm run --store NEW` then resumes that epoch; the source store is
@@ -54,6 +56,19 @@ struct EpochsArgs {
     /// One JSON document instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct DiffArgs {
+    /// The store.
+    #[arg(long, value_name = "PATH")]
+    store: PathBuf,
+    /// The older epoch.
+    #[arg(value_name = "A")]
+    a: u64,
+    /// The newer epoch.
+    #[arg(value_name = "B")]
+    b: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -240,6 +255,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Export(args) => export(args).map(|()| RunEnd::Stopped),
         Command::Epochs(args) => vmm::tools::epochs(&args.store, args.json)
+            .map(|()| RunEnd::Stopped)
+            .map_err(Into::into),
+        Command::Diff(args) => vmm::tools::diff(&args.store, args.a, args.b)
             .map(|()| RunEnd::Stopped)
             .map_err(Into::into),
         Command::Fork(args) => vmm::tools::fork(&args.store, args.epoch, &args.new)

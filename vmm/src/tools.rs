@@ -1,6 +1,7 @@
 //! Offline commands on a store (issue 5): `evm epochs` lists the retained
-//! epochs, `evm export --memory` writes an epoch's guest memory image and
-//! `evm fork` makes a new store whose state is an older epoch. All of them
+//! epochs, `evm diff` what changed between two, `evm export --memory`
+//! writes an epoch's guest memory image and `evm fork` makes a new store
+//! whose state is an older epoch. All of them
 //! open the store read-only and unlocked, so they work while its VM runs.
 
 use std::fs::OpenOptions;
@@ -41,6 +42,14 @@ pub enum ToolError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// `evm diff` with epochs in the wrong order.
+    #[error("evm diff {a} {b}: the first epoch must be older than the second")]
+    DiffOrder {
+        /// First.
+        a: u64,
+        /// Second.
+        b: u64,
     },
     /// The fork's destination exists.
     #[error("{}: exists; evm fork makes a new store and never overwrites one", .0.display())]
@@ -186,6 +195,64 @@ pub fn epochs(path: &Path, json: bool) -> Result<(), ToolError> {
         })
 }
 
+/// A flat memory-image offset as a guest-physical address (RAM above the
+/// MMIO gap follows RAM below it in the image).
+fn gpa(off: u64) -> u64 {
+    use crate::memory::{MMIO_GAP_END, MMIO_GAP_START};
+    if off < MMIO_GAP_START {
+        off
+    } else {
+        off + (MMIO_GAP_END - MMIO_GAP_START)
+    }
+}
+
+/// Sorted 4 KiB-unit addresses as `first-last (n)` runs, one per line.
+fn runs(addrs: &[u64], out: &mut String) {
+    let mut i = 0;
+    while i < addrs.len() {
+        let mut j = i;
+        while j + 1 < addrs.len() && addrs[j + 1] == addrs[j] + PAGE as u64 {
+            j += 1;
+        }
+        let last = addrs[j] + PAGE as u64 - 1;
+        out.push_str(&format!("  {:#x}-{last:#x} ({})\n", addrs[i], j - i + 1));
+        i = j + 1;
+    }
+}
+
+/// `evm diff`: the pages and disk blocks written after epoch `a` up to
+/// epoch `b`, as runs of guest-physical addresses and disk offsets.
+pub fn diff(path: &Path, a: u64, b: u64) -> Result<(), ToolError> {
+    if a >= b {
+        return Err(ToolError::DiffOrder { a, b });
+    }
+    let store = Store::open_read_only(path)?;
+    for e in [a, b] {
+        pick_epoch(&store, path, Some(e))?;
+    }
+    let d = store.changed_between(a, b)?;
+    let pages: Vec<u64> = d.pages.iter().map(|&o| gpa(o)).collect();
+    let mut out = format!(
+        "epoch {a} -> {b}: {} pages ({:.1} MiB) and {} disk blocks written\n",
+        pages.len(),
+        (pages.len() * PAGE) as f64 / (1u64 << 20) as f64,
+        d.disk_blocks.len()
+    );
+    out.push_str("pages (guest-physical):\n");
+    runs(&pages, &mut out);
+    if store.disk_bytes() > 0 {
+        out.push_str("disk blocks (byte offsets):\n");
+        runs(&d.disk_blocks, &mut out);
+    }
+    std::io::stdout()
+        .write_all(out.as_bytes())
+        .map_err(|source| ToolError::Output {
+            flag: "stdout",
+            path: "-".into(),
+            source,
+        })
+}
+
 /// Creates `out` (never an existing file) and writes `fill`'s bytes into
 /// it, fdatasync'd; a failure removes the partial file.
 fn write_new(
@@ -317,6 +384,15 @@ fn copy_disk(src: &Path, epoch: u64, to: &mut Store) -> Result<(), ToolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_and_gpas() {
+        let mut out = String::new();
+        runs(&[0, 4096, 8192, 20480], &mut out);
+        assert_eq!(out, "  0x0-0x2fff (3)\n  0x5000-0x5fff (1)\n");
+        assert_eq!(gpa(0xbfff_f000), 0xbfff_f000);
+        assert_eq!(gpa(0xc000_0000), 0x1_0000_0000);
+    }
 
     #[test]
     fn utc_formats_known_instants() {

@@ -389,3 +389,38 @@ fn store_bytes_accounts_for_the_disk() {
     fn send_sync_clone<T: Send + Sync + Clone>() {}
     send_sync_clone::<crate::DiskView>();
 }
+
+#[test]
+fn changed_between_lists_the_pages_and_blocks_of_the_later_epochs() {
+    let mem = 64 * 1024;
+    let (_dev, mut store) = mem_store(mem, 1 << 20);
+    let mut model = Model::new(mem);
+    append_disk(&mut store, &mut model, 3, &[0, 4096], &blocks(&[0]), 30).unwrap();
+    append_disk(
+        &mut store,
+        &mut model,
+        3,
+        &[8192, 4096],
+        &blocks(&[2, 1]),
+        30,
+    )
+    .unwrap();
+    append_disk(&mut store, &mut model, 3, &[12288], &blocks(&[2]), 30).unwrap();
+    let d = store.changed_between(1, 3).unwrap();
+    assert_eq!(d.pages, [4096, 8192, 12288]);
+    assert_eq!(d.disk_blocks, blocks(&[1, 2]));
+    let d = store.changed_between(2, 3).unwrap();
+    assert_eq!((d.pages, d.disk_blocks), (vec![12288], blocks(&[2])));
+    assert!(matches!(
+        store.changed_between(1, 9),
+        Err(StoreError::EpochNotRetained { epoch: 9, .. })
+    ));
+    // After migration the home epoch is a valid starting point.
+    store.migrate(2).unwrap();
+    let d = store.changed_between(2, 3).unwrap();
+    assert_eq!(d.pages, [12288]);
+    assert!(
+        store.changed_between(1, 3).is_err(),
+        "epoch 1 was folded into home"
+    );
+}
