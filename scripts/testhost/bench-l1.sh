@@ -16,7 +16,7 @@ mkfifo "$B_TMP/console" || exit 1
 launch() {
     case $1 in
     evm)
-        exec setsid timeout -s KILL "$B_TIMEOUT" "$B_EVM" run --kernel "$B_KERNEL" --initrd "$B_INITRD" \
+        exec setsid timeout -s KILL "$B_TIMEOUT" "$B_EVM" run --no-store --kernel "$B_KERNEL" --initrd "$B_INITRD" \
             --cmdline "$B_CMDLINE" --mem "$B_MEM" --vcpus "$B_VCPUS"
         ;;
     qemu-*)
