@@ -1,7 +1,9 @@
 //! Offline commands on a real store (issue 5, item 1), made by the probe
 //! guest on this machine's `/dev/kvm`: `evm epochs` (table and `--json`)
 //! lists exactly the epochs evm reported committed, with their freeze
-//! times; `evm export --memory` writes an epoch's memory image; `evm fork`
+//! times; `evm diff` covers the pages the epochs dirtied; `evm inspect`
+//! shows both vCPUs and the devices, and its `--page` dump is the page of
+//! the memory export; `evm export --memory` writes an epoch's memory image; `evm fork`
 //! of an older epoch makes a new store whose epoch 1 has byte for byte that
 //! epoch's memory and disk, and which runs from that older state (the
 //! probe's page generations go back, and it re-verifies every page). Bad
@@ -176,6 +178,62 @@ fn epochs_export_memory_and_fork_of_a_real_store() {
         s(&mem_old),
     ]);
     assert_eq!(std::fs::metadata(&mem_old).expect("export").len(), 64 << 20);
+    // inspect: registers of both vCPUs, the devices; --page agrees with
+    // the memory export.
+    let report = evm_ok(&["inspect", "--store", s(&store), "--epoch", &old.to_string()]);
+    for want in [
+        "vcpu0: 64-bit long mode",
+        "vcpu1: 64-bit long mode",
+        "RIP 0x",
+        "CR3 0x",
+        "EFER 0x",
+        "virtio-blk",
+        "virtio-rng",
+        "COM1",
+        "memory 64 MiB",
+        "disk 4 MiB",
+    ] {
+        assert!(report.contains(want), "inspect lacks {want:?}:\n{report}");
+    }
+    let dump = evm_ok(&[
+        "inspect",
+        "--store",
+        s(&store),
+        "--epoch",
+        &old.to_string(),
+        "--page",
+        "0x600000",
+    ]);
+    let image = std::fs::read(&mem_old).expect("read the memory export");
+    let mut from_dump = Vec::new();
+    for line in dump.lines() {
+        let hex: String = line
+            .split_once(": ")
+            .map(|(_, r)| r[..39].split_whitespace().collect())
+            .unwrap_or_default();
+        for i in (0..hex.len()).step_by(2) {
+            from_dump.push(u8::from_str_radix(&hex[i..i + 2], 16).expect("hex byte"));
+        }
+    }
+    assert!(
+        from_dump == image[0x60_0000..0x60_1000],
+        "inspect --page 0x600000 differs from the memory export"
+    );
+    refused(
+        &["inspect", "--store", s(&store), "--page", "0x10000000"],
+        &["0x10000000"],
+        "outside guest RAM",
+    );
+    refused(
+        &["inspect", "--store", s(&store), "--page", "0x1001"],
+        &["0x1001"],
+        "multiple of 4096",
+    );
+    refused(
+        &["inspect", "--store", s(&store), "--epoch", "99999"],
+        &["99999"],
+        "not a retained",
+    );
     let disk_old = dir.join("old.img");
     evm_ok(&[
         "export",

@@ -11,6 +11,7 @@ pub mod epoch;
 pub mod export;
 pub mod freeze;
 pub mod host;
+pub mod inspect;
 pub mod logger;
 pub mod memory;
 pub mod persist;

@@ -39,6 +39,9 @@ enum Command {
     Export(ExportArgs),
     /// List the retained epochs of a store (works while its VM runs).
     Epochs(EpochsArgs),
+    /// What a store holds as of an epoch: config, vCPU registers, devices,
+    /// memory and disk; or one guest page as a hex dump (--page).
+    Inspect(InspectArgs),
     /// Pages and disk blocks written between two epochs of a store.
     Diff(DiffArgs),
     /// Make a new store whose state is an older epoch of a store.
@@ -56,6 +59,29 @@ struct EpochsArgs {
     /// One JSON document instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct InspectArgs {
+    /// The store.
+    #[arg(long, value_name = "PATH")]
+    store: PathBuf,
+    /// The epoch [default: the newest committed one].
+    #[arg(long, value_name = "N")]
+    epoch: Option<u64>,
+    /// Hex-dump the guest page at this guest-physical address (0x… or
+    /// decimal; a multiple of 4096).
+    #[arg(long, value_name = "GPA", value_parser = parse_gpa)]
+    page: Option<u64>,
+}
+
+fn parse_gpa(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not an address (use 0x1000 or 4096)"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -255,6 +281,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Export(args) => export(args).map(|()| RunEnd::Stopped),
         Command::Epochs(args) => vmm::tools::epochs(&args.store, args.json)
+            .map(|()| RunEnd::Stopped)
+            .map_err(Into::into),
+        Command::Inspect(args) => vmm::inspect::inspect(&args.store, args.epoch, args.page)
             .map(|()| RunEnd::Stopped)
             .map_err(Into::into),
         Command::Diff(args) => vmm::tools::diff(&args.store, args.a, args.b)

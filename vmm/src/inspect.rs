@@ -1,0 +1,305 @@
+//! `evm inspect` (issue 5): what a store holds as of one committed epoch —
+//! the VM configuration, each vCPU's mode and key registers, the devices in
+//! brief, memory and disk figures — or, with `--page GPA`, a hex dump of
+//! one guest page as of that epoch. Read-only and unlocked, like the other
+//! offline commands (`tools`).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+
+use checkpoint::Store;
+
+use crate::memory::{MMIO_GAP_END, MMIO_GAP_START};
+use crate::persist::StoredConfig;
+use crate::state::VcpuState;
+use crate::tools::{ToolError, pick_epoch};
+
+/// Errors of `evm inspect` beyond the shared ones.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// Store, epoch or output.
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    /// The stored configuration or machine state cannot be decoded.
+    #[error("--store {}: {what}", path.display())]
+    Decode {
+        /// The store.
+        path: std::path::PathBuf,
+        /// What could not be read.
+        what: String,
+    },
+    /// `--page` outside guest RAM or not page-aligned.
+    #[error("--page {gpa:#x}: {why} (guest RAM: {ram})")]
+    BadPage {
+        /// The address given.
+        gpa: u64,
+        /// Why it is refused.
+        why: &'static str,
+        /// The RAM ranges, for the message.
+        ram: String,
+    },
+}
+
+impl From<checkpoint::StoreError> for InspectError {
+    fn from(e: checkpoint::StoreError) -> Self {
+        InspectError::Tool(ToolError::Store(e))
+    }
+}
+
+const PAGE: u64 = 4096;
+
+/// The flat memory-image offset of guest-physical `gpa`, if it is RAM.
+fn flat_offset(gpa: u64, mem_bytes: u64) -> Option<u64> {
+    let below = mem_bytes.min(MMIO_GAP_START);
+    if gpa < below {
+        Some(gpa)
+    } else if gpa >= MMIO_GAP_END && gpa - MMIO_GAP_END < mem_bytes - below {
+        Some(gpa - MMIO_GAP_END + MMIO_GAP_START)
+    } else {
+        None
+    }
+}
+
+fn ram_ranges_text(mem_bytes: u64) -> String {
+    crate::memory::ram_ranges(mem_bytes)
+        .iter()
+        .map(|(start, len)| format!("{start:#x}-{:#x}", start + len - 1))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The CPU mode of a vCPU from CR0 and EFER.
+fn mode(v: &VcpuState) -> &'static str {
+    const CR0_PE: u64 = 1;
+    const EFER_LMA: u64 = 1 << 10;
+    let s = &v.sregs;
+    match (s.cr0 & CR0_PE != 0, s.efer & EFER_LMA != 0, s.cs.l != 0) {
+        (false, _, _) => "real mode",
+        (true, true, true) => "64-bit long mode",
+        (true, true, false) => "compatibility mode",
+        (true, false, _) => "protected mode",
+    }
+}
+
+fn mp_state(v: &VcpuState) -> String {
+    match v.mp_state.mp_state {
+        0 => "runnable".into(),
+        1 => "uninitialized (waiting for INIT)".into(),
+        2 => "INIT received".into(),
+        3 => "halted".into(),
+        4 => "SIPI received".into(),
+        n => format!("mp_state {n}"),
+    }
+}
+
+fn virtio_kind(t: u32) -> String {
+    match t {
+        2 => "virtio-blk".into(),
+        4 => "virtio-rng".into(),
+        n => format!("virtio device {n}"),
+    }
+}
+
+fn write_out(text: &str) -> Result<(), InspectError> {
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(|source| {
+            InspectError::Tool(ToolError::Output {
+                flag: "stdout",
+                path: "-".into(),
+                source,
+            })
+        })
+}
+
+/// `evm inspect`: a report of `epoch` (default: the newest) on stdout, or
+/// the hex dump of the page at `page` (a guest-physical address).
+pub fn inspect(path: &Path, epoch: Option<u64>, page: Option<u64>) -> Result<(), InspectError> {
+    let store = Store::open_read_only(path)?;
+    let epoch = pick_epoch(&store, path, epoch)?;
+    let decode = |what: String| InspectError::Decode {
+        path: path.to_path_buf(),
+        what,
+    };
+    if let Some(gpa) = page {
+        return dump_page(&store, epoch, gpa);
+    }
+    let config = StoredConfig::decode(store.config())
+        .map_err(|e| decode(format!("the VM configuration: {e}")))?;
+    let state = crate::state::decode(&store.read_state(epoch)?)
+        .map_err(|e| decode(format!("the machine state of epoch {epoch}: {e}")))?;
+    let mut out = String::new();
+    let _ = writeln!(out, "store {} — epoch {epoch}", path.display());
+    if let Some(e) = store.epochs().iter().find(|e| e.epoch == epoch) {
+        let _ = writeln!(
+            out,
+            "  freeze {} µs, {} dirty pages, {} disk blocks, {:.2} MiB in the log, commit {}",
+            e.freeze_us,
+            e.dirty_pages,
+            e.disk_blocks,
+            e.bytes as f64 / (1u64 << 20) as f64,
+            match e.commit_latency_us {
+                0 => "-".to_string(),
+                us => format!("{us} µs"),
+            }
+        );
+    } else {
+        let _ = writeln!(out, "  (the home epoch: folded from the log)");
+    }
+    let _ = writeln!(out, "config");
+    let _ = writeln!(
+        out,
+        "  kernel {}{}",
+        config.kernel.display(),
+        if config.probe {
+            " (evm probe guest)"
+        } else {
+            ""
+        }
+    );
+    if let Some(i) = &config.initrd {
+        let _ = writeln!(out, "  initrd {}", i.display());
+    }
+    let _ = writeln!(
+        out,
+        "  cmdline {}",
+        config.cmdline.as_deref().unwrap_or("(the default)")
+    );
+    let _ = writeln!(
+        out,
+        "  memory {} MiB, {} vCPUs",
+        config.mem_bytes >> 20,
+        config.vcpus
+    );
+    let _ = writeln!(out, "vcpus");
+    for (i, v) in state.vcpus.iter().enumerate() {
+        let (r, s) = (&v.regs, &v.sregs);
+        let _ = writeln!(out, "  vcpu{i}: {}, {}", mode(v), mp_state(v));
+        let _ = writeln!(
+            out,
+            "    RIP {:#018x}  RSP {:#018x}  RFLAGS {:#x}",
+            r.rip, r.rsp, r.rflags
+        );
+        let _ = writeln!(
+            out,
+            "    CR0 {:#x}  CR3 {:#x}  CR4 {:#x}  EFER {:#x}  CS {:#x}",
+            s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector
+        );
+    }
+    let _ = writeln!(out, "devices");
+    match crate::freeze::decode_devices(&state.devices) {
+        Ok(d) => {
+            let _ = writeln!(
+                out,
+                "  COM1: IER {:#04x}, LCR {:#04x}, MCR {:#04x}",
+                d.serial.interrupt_enable, d.serial.line_control, d.serial.modem_control
+            );
+            for (i, t) in d.virtio.iter().enumerate() {
+                let ready = t.queues.iter().filter(|q| q.ready).count();
+                let _ = writeln!(
+                    out,
+                    "  virtio-mmio {i}: {}, status {:#x}, features {:#x}, {ready}/{} queues ready",
+                    virtio_kind(t.device_type),
+                    t.status,
+                    t.driver_features,
+                    t.queues.len()
+                );
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "  (device state unreadable: {e})");
+        }
+    }
+    let mut image = vec![0u8; store.mem_bytes() as usize];
+    store.read_memory(epoch, &mut image)?;
+    let nonzero = image
+        .chunks(PAGE as usize)
+        .filter(|p| p.iter().any(|&b| b != 0))
+        .count();
+    let _ = writeln!(
+        out,
+        "memory {} MiB ({}): {nonzero} pages not zero",
+        store.mem_bytes() >> 20,
+        ram_ranges_text(store.mem_bytes())
+    );
+    if store.disk_bytes() > 0 {
+        let source = config
+            .disk_import
+            .as_ref()
+            .map(|p| format!(", imported from {}", p.display()))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "disk {} MiB in the store{source}",
+            store.disk_bytes() >> 20
+        );
+    } else if let Some(d) = &config.disk {
+        let _ = writeln!(
+            out,
+            "disk {} (used in place, not in the store)",
+            d.display()
+        );
+    }
+    write_out(&out)
+}
+
+/// `--page`: 4096 bytes at `gpa` as of `epoch`, 16 bytes a line.
+fn dump_page(store: &Store, epoch: u64, gpa: u64) -> Result<(), InspectError> {
+    let mem = store.mem_bytes();
+    let bad = |why| InspectError::BadPage {
+        gpa,
+        why,
+        ram: ram_ranges_text(mem),
+    };
+    if !gpa.is_multiple_of(PAGE) {
+        return Err(bad("not a multiple of 4096"));
+    }
+    let off = flat_offset(gpa, mem).ok_or_else(|| bad("outside guest RAM"))?;
+    let mut page = [0u8; PAGE as usize];
+    store.read_page(epoch, off, &mut page)?;
+    let mut out = String::new();
+    for (i, row) in page.chunks(16).enumerate() {
+        let _ = write!(out, "{:016x}: ", gpa + (i * 16) as u64);
+        for (j, b) in row.iter().enumerate() {
+            let _ = write!(out, "{b:02x}{}", if j % 2 == 1 { " " } else { "" });
+        }
+        let text: String = row
+            .iter()
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        let _ = writeln!(out, " {text}");
+    }
+    write_out(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_physical_to_flat_offsets() {
+        let small = 512 << 20;
+        assert_eq!(flat_offset(0, small), Some(0));
+        assert_eq!(flat_offset(small - PAGE, small), Some(small - PAGE));
+        assert_eq!(flat_offset(small, small), None);
+        let big = 5 << 30; // 3 GiB below the gap, 2 GiB above 4 GiB
+        assert_eq!(
+            flat_offset(MMIO_GAP_START - PAGE, big),
+            Some(MMIO_GAP_START - PAGE)
+        );
+        assert_eq!(flat_offset(MMIO_GAP_START, big), None);
+        assert_eq!(flat_offset(MMIO_GAP_END, big), Some(MMIO_GAP_START));
+        assert_eq!(
+            flat_offset(MMIO_GAP_END + (2 << 30) - PAGE, big),
+            Some(big - PAGE)
+        );
+        assert_eq!(flat_offset(MMIO_GAP_END + (2 << 30), big), None);
+    }
+}
