@@ -374,3 +374,95 @@ fn epochs_export_memory_and_fork_of_a_real_store() {
         "a refusal changed the store"
     );
 }
+
+/// `evm verify` of a damaged store: exit 1, its report on stdout, one
+/// `evm: ` line on stderr naming the store and every string of `names`.
+fn verify_fails(store: &Path, names: &[&str]) {
+    let run = run_evm(
+        &evm_bin(),
+        &["verify", "--store", s(store)],
+        &RunOptions::default(),
+        WAIT,
+    );
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "verify {}: {}\n{}",
+        store.display(),
+        run.status,
+        run.stderr
+    );
+    let err = run.stderr.trim_end();
+    assert!(
+        err.lines().count() == 1 && err.starts_with("evm: ") && err.contains(s(store)),
+        "verify {}: stderr {err:?}",
+        store.display()
+    );
+    for n in names {
+        assert!(
+            err.contains(n),
+            "verify {}: {err:?} does not name {n:?}",
+            store.display()
+        );
+        assert!(
+            run.stdout.contains(n),
+            "the report does not show {n:?}:\n{}",
+            run.stdout
+        );
+    }
+}
+
+/// `evm verify` of a sound store passes; of a copy with one page of a
+/// middle epoch damaged, or with a damaged superblock, it fails naming the
+/// damage in one stderr line.
+#[test]
+fn verify_passes_a_sound_store_and_names_the_first_damage() {
+    use evm_tests::store_file::{self, K_PAGES};
+    require_kvm();
+    let dir = TempDir::new("store-verify");
+    let store = dir.join("vm.store");
+    let elf = probe_elf();
+    let boot = args(&[
+        "run",
+        "--store",
+        s(&store),
+        "--kernel",
+        s(&elf),
+        "--vcpus",
+        "1",
+        "--mem",
+        "64M",
+        "--cmdline",
+        "dirty=4 rate=16 verify_every=1 report=1",
+        "--interval",
+        "100ms",
+    ]);
+    let (first, last) = probe_run::three_epochs(&boot, false);
+    let report = evm_ok(&["verify", "--store", s(&store)]);
+    assert!(
+        report.contains(&format!("log: epochs {first}..{last} ")),
+        "verify of a sound store:\n{report}"
+    );
+
+    // A page of the second epoch: recovery stops there.
+    let (_, records) = store_file::log_records(&store).expect("walk the log");
+    let victim = records
+        .iter()
+        .find(|r| r.epoch == first + 1 && r.kind == K_PAGES)
+        .expect("a page record of the second epoch");
+    let bad = dir.copy(&store, "bad-page.store", 0o644);
+    let sb = store_file::current_superblock(&bad).expect("superblock");
+    store_file::flip_byte(&bad, victim.payload_off(&sb) + 100).expect("damage a page");
+    let before = fingerprint(&bad).expect("fingerprint");
+    verify_fails(&bad, &[&format!("epoch {}", first + 1), "CRC mismatch"]);
+    assert_eq!(
+        fingerprint(&bad).expect("fingerprint"),
+        before,
+        "verify wrote the store"
+    );
+
+    let bad_sb = dir.copy(&store, "bad-sb.store", 0o644);
+    store_file::patch_superblock(&bad_sb, 0, false, |blk| blk[32..48].fill(0xa5))
+        .expect("damage superblock A");
+    verify_fails(&bad_sb, &["superblock A", "invalid"]);
+}

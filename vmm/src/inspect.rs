@@ -1,4 +1,4 @@
-//! `evm inspect` (issue 5): what a store holds as of one committed epoch —
+//! `evm inspect` and `evm verify` (issue 5). Inspect: what a store holds as of one committed epoch —
 //! the VM configuration, each vCPU's mode and key registers, the devices in
 //! brief, memory and disk figures — or, with `--page GPA`, a hex dump of
 //! one guest page as of that epoch. Read-only and unlocked, like the other
@@ -29,6 +29,9 @@ pub enum InspectError {
         /// What could not be read.
         what: String,
     },
+    /// `evm verify` found damage.
+    #[error(transparent)]
+    Verify(VerifyFailed),
     /// `--page` outside guest RAM or not page-aligned.
     #[error("--page {gpa:#x}: {why} (guest RAM: {ram})")]
     BadPage {
@@ -242,6 +245,127 @@ pub fn inspect(path: &Path, epoch: Option<u64>, page: Option<u64>) -> Result<(),
         );
     }
     write_out(&out)
+}
+
+/// What `evm verify` found wrong first.
+#[derive(Debug, thiserror::Error)]
+#[error("--store {}: {problem}", path.display())]
+pub struct VerifyFailed {
+    /// The store.
+    pub path: std::path::PathBuf,
+    /// The first problem, naming the part of the store.
+    pub problem: String,
+}
+
+/// `evm verify`: checks both superblocks, the configuration, the home's
+/// machine state, and every record and CRC of every epoch in the log (the
+/// read-only open walks them all: record CRCs, page and state payload
+/// CRCs, each epoch's commit CRC), then decodes each epoch's machine state.
+/// Prints what it checked on stdout; the first problem is the error. An
+/// epoch cut off before its commit record (the one being written when the
+/// VM stopped, or still being written by a running VM) is reported but is
+/// not damage.
+pub fn verify(path: &Path) -> Result<(), InspectError> {
+    let fail = |problem: String| {
+        InspectError::Verify(VerifyFailed {
+            path: path.to_path_buf(),
+            problem,
+        })
+    };
+    let store = Store::open_read_only(path)?;
+    let mut out = String::new();
+    let mut first: Option<String> = None;
+    match store.superblock_warning() {
+        None => {
+            let _ = writeln!(
+                out,
+                "superblocks: both valid (generation {})",
+                store.generation()
+            );
+        }
+        Some(w) => {
+            let _ = writeln!(out, "superblocks: {w}");
+            first.get_or_insert(w.to_string());
+        }
+    }
+    match StoredConfig::decode(store.config()) {
+        Ok(c) => {
+            let _ = writeln!(
+                out,
+                "config: valid ({} MiB, {} vCPUs)",
+                c.mem_bytes >> 20,
+                c.vcpus
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "config: {e}");
+            first.get_or_insert(format!("the VM configuration: {e}"));
+        }
+    }
+    let home = store.home_epoch();
+    let home_resumable =
+        home > 0 && store.resumable() && !store.epochs().iter().any(|e| e.epoch == home);
+    let mut check_state = |epoch: u64, what: &str, out: &mut String| match store
+        .read_state(epoch)
+        .map_err(|e| e.to_string())
+        .and_then(|b| crate::state::decode(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => {
+            let _ = writeln!(out, "{what}: machine state valid ({} vCPUs)", s.vcpus.len());
+        }
+        Err(e) => {
+            let _ = writeln!(out, "{what}: {e}");
+            first.get_or_insert(format!("{what}: machine state: {e}"));
+        }
+    };
+    if home_resumable {
+        check_state(home, &format!("home (epoch {home})"), &mut out);
+    } else {
+        let _ = writeln!(
+            out,
+            "home: holds epoch {home} (its machine state is in the log or discarded)"
+        );
+    }
+    let epochs = store.epochs();
+    match (epochs.first(), epochs.last()) {
+        (Some(a), Some(b)) => {
+            let _ = writeln!(
+                out,
+                "log: epochs {}..{} ({}), every record, payload and commit CRC valid",
+                a.epoch,
+                b.epoch,
+                epochs.len()
+            );
+        }
+        _ => {
+            let _ = writeln!(out, "log: no committed epochs");
+        }
+    }
+    for e in epochs {
+        check_state(e.epoch, &format!("epoch {}", e.epoch), &mut out);
+    }
+    if let Some(n) = store.recovery_note() {
+        let cut_off = n.reason.starts_with("no commit record");
+        let _ = writeln!(
+            out,
+            "log: epoch {} after them {}: {}",
+            n.epoch,
+            if cut_off {
+                "is incomplete (cut off or still being written; not damage)"
+            } else {
+                "is damaged"
+            },
+            n.reason
+        );
+        if !cut_off {
+            first.get_or_insert(format!("log: epoch {}: {}", n.epoch, n.reason));
+        }
+    }
+    write_out(&out)?;
+    match first {
+        Some(problem) => Err(fail(problem)),
+        None => Ok(()),
+    }
 }
 
 /// `--page`: 4096 bytes at `gpa` as of `epoch`, 16 bytes a line.

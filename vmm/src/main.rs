@@ -42,6 +42,9 @@ enum Command {
     /// What a store holds as of an epoch: config, vCPU registers, devices,
     /// memory and disk; or one guest page as a hex dump (--page).
     Inspect(InspectArgs),
+    /// Check every superblock, record and CRC of a store; exit 1 naming the
+    /// first bad one.
+    Verify(VerifyArgs),
     /// Pages and disk blocks written between two epochs of a store.
     Diff(DiffArgs),
     /// Make a new store whose state is an older epoch of a store.
@@ -82,6 +85,13 @@ fn parse_gpa(s: &str) -> Result<u64, String> {
         None => t.parse(),
     }
     .map_err(|_| format!("{s:?} is not an address (use 0x1000 or 4096)"))
+}
+
+#[derive(clap::Args, Debug)]
+struct VerifyArgs {
+    /// The store.
+    #[arg(long, value_name = "PATH")]
+    store: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -284,6 +294,9 @@ fn main() -> ExitCode {
             .map(|()| RunEnd::Stopped)
             .map_err(Into::into),
         Command::Inspect(args) => vmm::inspect::inspect(&args.store, args.epoch, args.page)
+            .map(|()| RunEnd::Stopped)
+            .map_err(Into::into),
+        Command::Verify(args) => vmm::inspect::verify(&args.store)
             .map(|()| RunEnd::Stopped)
             .map_err(Into::into),
         Command::Diff(args) => vmm::tools::diff(&args.store, args.a, args.b)
