@@ -35,10 +35,14 @@ one() { # vmm run
     (launch "$vmm") </dev/null >"$B_TMP/console" 2>"$B_TMP/stderr" &
     pid=$!
     t1=
+    up=
     while IFS= read -r line; do
         case $line in
         *"$B_MARKER"*)
             read -r t1 _ </proc/uptime
+            # The guest's own uptime at its ready line, if it says (the
+            # agent's `uptime=`): splits launch->ready into VMM + guest.
+            up=$(printf '%s\n' "$line" | sed -n 's/.*uptime=\([0-9.]*\).*/\1/p')
             break
             ;;
         esac
@@ -46,7 +50,7 @@ one() { # vmm run
     kill -9 -"$pid" 2>/dev/null # the VMM's own process group (setsid)
     wait "$pid" 2>/dev/null
     if [ -n "$t1" ]; then
-        echo "BENCH $vmm $run $(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")"
+        echo "BENCH $vmm $run $(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }") ${up:--}"
     else
         echo "BENCH-FAIL $vmm $run no ready line within ${B_TIMEOUT}s; stderr: $(tail -c 300 "$B_TMP/stderr" | tr '\r\n' '  ')"
     fi
