@@ -76,6 +76,9 @@ def host_tsc_khz() -> int | None:
     return None
 
 
+# EVM_TESTHOST_SMP sets L1's CPU count (default 2), for experiments.
+
+
 def tcg_thread() -> str:
     """TCG threading of L1: `multi` (a host thread per L1 vCPU) unless
     EVM_TESTHOST_TCG_THREAD says `single`."""
@@ -273,7 +276,7 @@ class Testhost:
             self.qemu,
             "-accel", f"tcg,thread={tcg_thread()}",
             "-cpu", "EPYC",
-            "-smp", "2",
+            "-smp", os.environ.get("EVM_TESTHOST_SMP", "2"),
             "-m", f"{self.spec.l1_mem_mib}M",
             "-M", self.machine,
             "-nodefaults", "-no-user-config",
