@@ -173,11 +173,13 @@ fn disk_records_survive_seeded_power_cuts() {
 
 /// The shell loop of fsync'd appends: record `i` is the line `rec i`;
 /// /run/issued is written before the append, /run/durable after dd's
-/// fsync returned.
+/// fsync returned, each by rename (a reader never sees a half-written
+/// number).
 const APPEND_LOOP: &str = "(i=$(cat /run/issued 2>/dev/null || echo 0); while :; do \
-    i=$((i+1)); echo $i > /run/issued; \
+    i=$((i+1)); echo $i > /run/issued.new; mv /run/issued.new /run/issued; \
     echo rec $i | dd of=/mnt/log oflag=append conv=notrunc,fsync 2>/dev/null || exit; \
-    echo $i > /run/durable; usleep 20000; done) >/dev/null 2>&1 & echo $! > /run/loop.pid";
+    echo $i > /run/durable.new; mv /run/durable.new /run/durable; usleep 20000; done) \
+    >/dev/null 2>&1 & echo $! > /run/loop.pid";
 
 /// With the page cache dropped: durable D, the number N of records in
 /// /mnt/log if they are exactly `rec 1`..`rec N` (else the command fails
