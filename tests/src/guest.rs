@@ -243,6 +243,7 @@ impl Guest {
                 &["--no-store"][..]
             })
             .env("EVM_TESTHOST_TIMEOUT", HARD_TIMEOUT_SECS.to_string())
+            .envs(crate::host::testhost_smp_for(args))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -167,6 +167,7 @@ impl StoreRun {
         cmd.args(args)
             .env("EVM_LOG", "info")
             .env("EVM_TESTHOST_TIMEOUT", RUN_HARD_TIMEOUT_SECS.to_string())
+            .envs(crate::host::testhost_smp_for(args))
             .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -95,7 +95,8 @@ fn cut_after_commits(run: &mut StoreRun, from: usize, rng: &mut SplitMix64) -> u
 /// `scripts/run --store S`: it must resume, from `last` or later, the
 /// same boot.
 fn resume(name: &str, store: &Path, last: u64, id: &str) -> StoreRun {
-    let mut b = StoreRun::start(name, &["--store", s(store)], &[]).unwrap_or_else(fail);
+    let mut b =
+        StoreRun::start(name, &["--store", s(store), "--vcpus", "1"], &[]).unwrap_or_else(fail);
     let (epoch, took) = b.wait_resumed(RESUME).unwrap_or_else(fail);
     assert!(
         epoch >= last,
