@@ -522,6 +522,13 @@ fn kill_chain(tag: &str, vcpus: &str, salt: u64) {
     assert_eq!(ready.workload, "counter,dirty:16:4", "{}", ready.line);
     let id = ready.boot_id.clone();
     let mut bound = check_guest(&mut run, &id, 0, "after boot");
+    // The first kill must find an epoch taken after the agent chose its
+    // boot id (seen: a kill before that resumed a state from before READY,
+    // and the agent, correctly, chose a new one). The second commit after
+    // this point froze after it.
+    let mark = run.mark();
+    let (i, _) = run.wait_commit(mark, COMMIT).unwrap_or_else(fail);
+    run.wait_commit(i + 1, COMMIT).unwrap_or_else(fail);
     let mut reported = 0u64;
     let mut points = Vec::new();
     for k in 0..kills {
