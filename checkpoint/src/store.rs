@@ -610,6 +610,10 @@ impl Store {
     pub fn set_rate_limit(&mut self, bytes_per_sec: Option<u64>) {
         self.rate_limit = bytes_per_sec.filter(|&r| r > 0);
     }
+    /// Log fill (0..1) past which `append_epoch` migrates first.
+    pub fn migrate_threshold(&self) -> f64 {
+        self.migrate_threshold
+    }
     /// Log fill (0..1) past which `append_epoch` migrates first (default 0.5).
     pub fn set_migrate_threshold(&mut self, fill: f64) {
         self.migrate_threshold = fill.clamp(0.0, 1.0);

@@ -4,13 +4,15 @@
 //! One epoch is written at a time: if writing epoch N outlasts the
 //! interval, freeze N+1 waits and dirty logging keeps accumulating.
 
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use checkpoint::{EpochMeta, Store};
+use checkpoint::{EpochInfo, EpochMeta, Store};
 
 use crate::freeze::{Freezer, Frozen, PAGE};
+use crate::telemetry::{LogState, Telemetry};
 
 /// Shortest and longest epoch interval `--interval` accepts.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
@@ -37,28 +39,71 @@ pub struct Checkpointer {
     handle: JoinHandle<()>,
 }
 
+/// A handle that asks the checkpoint thread for an epoch now (the API's).
+#[derive(Debug, Clone)]
+pub struct EpochNow {
+    orders: Sender<Order>,
+}
+
+impl EpochNow {
+    /// Take an epoch now and wait until it is committed.
+    pub fn checkpoint_now(&self) -> Result<u64, String> {
+        ask(&self.orders, Order::Now)
+    }
+}
+
+fn ask<T>(
+    orders: &Sender<Order>,
+    make: impl FnOnce(Sender<Result<T, String>>) -> Order,
+) -> Result<T, String> {
+    let (tx, rx) = channel();
+    orders
+        .send(make(tx))
+        .map_err(|_| "the checkpoint thread has stopped".to_string())?;
+    rx.recv()
+        .map_err(|_| "the checkpoint thread has stopped".to_string())?
+}
+
+/// The store's log as the telemetry reports it.
+fn log_state(store: &Store) -> LogState {
+    LogState {
+        log_bytes: store.log_bytes(),
+        log_fill: store.log_fill(),
+        migrate_threshold: store.migrate_threshold(),
+        home_epoch: store.home_epoch(),
+    }
+}
+
 impl Checkpointer {
-    /// Start taking an epoch every `interval`.
-    pub fn spawn(freezer: Freezer, store: Store, interval: Duration) -> std::io::Result<Self> {
+    /// Start taking an epoch every `interval`, reporting each to `telemetry`.
+    pub fn spawn(
+        freezer: Freezer,
+        store: Store,
+        interval: Duration,
+        telemetry: Arc<Telemetry>,
+    ) -> std::io::Result<Self> {
+        telemetry.seed(store.epochs(), log_state(&store), store.last_epoch());
         let (tx, rx) = channel();
         let handle = std::thread::Builder::new()
             .name("checkpoint".into())
-            .spawn(move || run(freezer, store, interval, rx))?;
+            .spawn(move || run(&Pipeline { freezer, telemetry }, store, interval, rx))?;
         Ok(Self { orders: tx, handle })
     }
 
     fn ask<T>(&self, make: impl FnOnce(Sender<Result<T, String>>) -> Order) -> Result<T, String> {
-        let (tx, rx) = channel();
-        self.orders
-            .send(make(tx))
-            .map_err(|_| "the checkpoint thread has stopped".to_string())?;
-        rx.recv()
-            .map_err(|_| "the checkpoint thread has stopped".to_string())?
+        ask(&self.orders, make)
     }
 
     /// Take an epoch now and wait until it is committed.
     pub fn checkpoint_now(&self) -> Result<u64, String> {
         self.ask(Order::Now)
+    }
+
+    /// A handle for taking epochs on demand from other threads.
+    pub fn epoch_now(&self) -> EpochNow {
+        EpochNow {
+            orders: self.orders.clone(),
+        }
     }
 
     /// Take and commit a final epoch, then stop the thread.
@@ -76,7 +121,29 @@ impl Checkpointer {
     }
 }
 
-fn run(freezer: Freezer, mut store: Store, interval: Duration, orders: Receiver<Order>) {
+/// What the checkpoint thread works with besides the store.
+struct Pipeline {
+    freezer: Freezer,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Pipeline {
+    /// `take_epoch`, reported to the telemetry.
+    fn epoch(&self, store: &mut Store, carry: &mut Vec<u64>) -> Result<u64, String> {
+        match take_epoch(&self.freezer, store, carry) {
+            Ok(info) => {
+                self.telemetry.committed(&info, log_state(store));
+                Ok(info.epoch)
+            }
+            Err(e) => {
+                self.telemetry.failed(&e);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn run(p: &Pipeline, mut store: Store, interval: Duration, orders: Receiver<Order>) {
     let mut next = Instant::now() + interval;
     let mut failing = false;
     // Pages of an epoch whose write failed: it may be durable or not, so
@@ -90,7 +157,7 @@ fn run(freezer: Freezer, mut store: Store, interval: Duration, orders: Receiver<
         };
         match order {
             None => {
-                match take_epoch(&freezer, &mut store, &mut carry) {
+                match p.epoch(&mut store, &mut carry) {
                     Ok(_) => {
                         if failing {
                             log::warn!("checkpoints are succeeding again");
@@ -110,11 +177,11 @@ fn run(freezer: Freezer, mut store: Store, interval: Duration, orders: Receiver<
                 next = Instant::now() + interval;
             }
             Some(Order::Now(reply)) => {
-                let _ = reply.send(take_epoch(&freezer, &mut store, &mut carry));
+                let _ = reply.send(p.epoch(&mut store, &mut carry));
                 next = Instant::now() + interval;
             }
             Some(Order::Final(reply)) => {
-                let _ = reply.send(take_epoch(&freezer, &mut store, &mut carry));
+                let _ = reply.send(p.epoch(&mut store, &mut carry));
                 return;
             }
             Some(Order::Discard(reply)) => {
@@ -123,7 +190,7 @@ fn run(freezer: Freezer, mut store: Store, interval: Duration, orders: Receiver<
                 // A vCPU that ended (triple fault, KVM's shutdown event)
                 // cannot be frozen: the disk then keeps the last committed
                 // epoch's contents, as after a power cut.
-                if let Err(e) = take_epoch(&freezer, &mut store, &mut carry) {
+                if let Err(e) = p.epoch(&mut store, &mut carry) {
                     log::warn!(
                         "no last epoch at power-off ({e}): the disk keeps the last committed epoch's contents"
                     );
@@ -136,7 +203,11 @@ fn run(freezer: Freezer, mut store: Store, interval: Duration, orders: Receiver<
 }
 
 /// Freeze, write, commit; log one line per epoch.
-fn take_epoch(freezer: &Freezer, store: &mut Store, carry: &mut Vec<u64>) -> Result<u64, String> {
+fn take_epoch(
+    freezer: &Freezer,
+    store: &mut Store,
+    carry: &mut Vec<u64>,
+) -> Result<EpochInfo, String> {
     let frozen: Frozen = freezer.freeze(carry).map_err(|e| e.to_string())?;
     let meta = EpochMeta {
         wall_time_ns: frozen.wall_time_ns,
@@ -177,7 +248,7 @@ fn take_epoch(freezer: &Freezer, store: &mut Store, carry: &mut Vec<u64>) -> Res
         info.bytes as f64 / (1 << 20) as f64,
         info.commit_latency_us
     );
-    Ok(info.epoch)
+    Ok(info)
 }
 
 /// `e: cause: cause…`, for one log line that says why.

@@ -12,8 +12,9 @@ use devices::virtio::{BlockMap, EpochDisk, MmioTransport, MmioTransportState};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::gate::Gate;
 use crate::state::{self, MachineState, VcpuState};
-use crate::vcpu::{MachineEnding, Pauser, VcpuThread};
+use crate::vcpu::MachineEnding;
 
 /// Page size of dirty tracking.
 pub const PAGE: usize = 4096;
@@ -84,10 +85,8 @@ pub struct Freezer {
     pub vm: Arc<VmFd>,
     /// Guest memory.
     pub mem: GuestMem,
-    /// vCPU meeting point.
-    pub pauser: Arc<Pauser<ParkedState>>,
-    /// vCPU threads, to kick.
-    pub threads: Arc<Mutex<Vec<VcpuThread>>>,
+    /// Stops and restarts the vCPUs.
+    pub gate: Arc<Gate>,
     /// Devices to quiesce and save.
     pub devices: Quiesce,
     /// The page buffer of the last written epoch, reused.
@@ -114,16 +113,15 @@ impl Freezer {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        self.pauser.request();
-        for t in lock(&self.threads).iter() {
-            t.kick();
-        }
-        let parked = self.pauser.wait_parked();
-        let t_parked = start.elapsed();
-        let result = parked
+        let mut t_parked = Duration::ZERO;
+        let result = self
+            .gate
+            .with_parked(|vcpus| {
+                t_parked = start.elapsed();
+                self.capture(vcpus, carry)
+            })
             .map_err(FreezeError::from)
-            .and_then(|vcpus| self.capture(vcpus, carry));
-        self.pauser.release();
+            .and_then(|r| r);
         log::debug!(
             "freeze: parked after {} µs, captured after {} µs",
             t_parked.as_micros(),

@@ -52,6 +52,38 @@ enum Command {
     /// `evm run --store NEW` then resumes that epoch; the source store is
     /// only read.
     Fork(ForkArgs),
+    /// Status of a running VM (through its control API socket).
+    Status(ApiArgs),
+    /// Take an epoch of a running VM now; prints its number once committed.
+    Checkpoint(ApiArgs),
+    /// Pause a running VM's vCPUs.
+    Pause(ApiArgs),
+    /// Let a paused VM run again.
+    Resume(ApiArgs),
+    /// Stop a running VM: commit a final epoch, then evm exits.
+    Stop(ApiArgs),
+    /// A live terminal view of a running VM (q quits).
+    Top(TopArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ApiArgs {
+    /// The VM's control socket (`evm run --api-sock PATH`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct TopArgs {
+    /// The VM's control socket (`evm run --api-sock PATH`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// How often to refresh, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60000))]
+    refresh_ms: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -179,6 +211,10 @@ struct RunArgs {
     /// Discard the saved machine state and boot again (the disk is kept).
     #[arg(long)]
     fresh: bool,
+    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket; see
+    /// `evm status|checkpoint|pause|resume|stop|top`.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
 }
 
 /// Parse `10ms`, `1s`, `2m`, `1.5s`.
@@ -252,6 +288,7 @@ fn run(args: RunArgs) -> anyhow::Result<RunEnd> {
         store,
         interval,
         fresh: args.fresh,
+        api_sock: args.api_sock,
     };
     Ok(vm::run(&opts)?)
 }
@@ -263,6 +300,41 @@ fn export(args: ExportArgs) -> anyhow::Result<()> {
     if let Some(out) = &args.memory {
         vmm::tools::export_memory(&args.store, out, args.epoch)?;
     }
+    Ok(())
+}
+
+/// `evm status|checkpoint|pause|resume|stop`: one request, its answer.
+fn api_command(args: &ApiArgs, method: &str, path: &str) -> anyhow::Result<()> {
+    use vmm::api::client;
+    let timeout = if method == "GET" {
+        client::QUICK
+    } else {
+        client::SLOW
+    };
+    let v = client::json(&args.api_sock, method, path, None, timeout)?;
+    let text = if args.json {
+        format!("{v}\n")
+    } else {
+        match path {
+            "/status" => client::status_text(&v),
+            "/checkpoint" => format!("epoch {} committed\n", v["epoch"]),
+            "/stop" => match v["final_epoch"].as_u64() {
+                Some(n) => format!("stopped; final epoch {n} committed\n"),
+                None => "stopped (no store)\n".to_string(),
+            },
+            _ => format!(
+                "{}{}\n",
+                v["state"].as_str().unwrap_or("?"),
+                if v["changed"] == false {
+                    " (already)"
+                } else {
+                    ""
+                }
+            ),
+        }
+    };
+    use std::io::Write;
+    std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
 }
 
@@ -305,6 +377,16 @@ fn main() -> ExitCode {
         Command::Fork(args) => vmm::tools::fork(&args.store, args.epoch, &args.new)
             .map(|_| RunEnd::Stopped)
             .map_err(Into::into),
+        Command::Status(a) => api_command(&a, "GET", "/status").map(|()| RunEnd::Stopped),
+        Command::Checkpoint(a) => api_command(&a, "PUT", "/checkpoint").map(|()| RunEnd::Stopped),
+        Command::Pause(a) => api_command(&a, "PUT", "/pause").map(|()| RunEnd::Stopped),
+        Command::Resume(a) => api_command(&a, "PUT", "/resume").map(|()| RunEnd::Stopped),
+        Command::Stop(a) => api_command(&a, "PUT", "/stop").map(|()| RunEnd::Stopped),
+        Command::Top(a) => {
+            vmm::top::run(&a.api_sock, std::time::Duration::from_millis(a.refresh_ms))
+                .map(|()| RunEnd::Stopped)
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(end) => {

@@ -31,6 +31,8 @@ pub enum VmEvent {
     Escape,
     /// SIGTERM, SIGINT or SIGHUP reached evm.
     Signal(i32),
+    /// A control API client asked to stop (`PUT /stop`).
+    ApiStop,
     /// Something failed; the message says what.
     Error(String),
 }

@@ -21,16 +21,19 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{COM1_BASE, COM1_GSI};
+use crate::api::{ApiServer, Control};
 use crate::boot::{self, BootError, ImageKind};
 use crate::console::{self, RawTerminal};
 use crate::cpu::{self, CpuError};
 use crate::epoch::Checkpointer;
 use crate::freeze::{self, DeviceStates, Freezer, ParkedState, Quiesce};
+use crate::gate::Gate;
 use crate::host::{self, HostError};
 use crate::memory::{self, MemoryError};
 use crate::persist::{self, Flags, PersistError, StoredConfig};
 use crate::state::{self, MachineState};
 use crate::store_disk::{self, StoreDiskError};
+use crate::telemetry::Telemetry;
 use crate::vcpu::{self, Pauser, VcpuContext, VmEvent};
 use crate::{acpi, cpuid, signals};
 
@@ -100,6 +103,9 @@ pub enum VmError {
     /// The stored configuration.
     #[error(transparent)]
     Persist(#[from] PersistError),
+    /// The control API socket.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// Saved machine state that cannot be restored.
     #[error("cannot restore epoch {epoch}: {reason}")]
     Restore {
@@ -158,6 +164,8 @@ pub struct RunOptions {
     pub interval: Duration,
     /// Discard the saved state and boot again.
     pub fresh: bool,
+    /// Serve the control API on this Unix socket.
+    pub api_sock: Option<PathBuf>,
 }
 
 fn power_handler(events: Sender<VmEvent>) -> devices::legacy::PowerHandler {
@@ -347,6 +355,11 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
     if let (None, Some((text, _))) = (&opts.store, &opts.flags.disk_size) {
         return Err(StoreDiskError::SizeWithoutStore(text.clone()).into());
     }
+    // Bound before /dev/kvm is touched: a socket in use is bad input too.
+    let api_listener = match &opts.api_sock {
+        Some(p) => Some(crate::api::bind(p)?),
+        None => None,
+    };
     let kvm = host::open_kvm()?;
     if let Some(c) = &flag_config
         && !c.probe
@@ -577,7 +590,25 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
         }
         store
     });
-    running.run(vcpus, store, opts.interval)
+    running.run(
+        vcpus,
+        store,
+        Runtime {
+            interval: opts.interval,
+            api: api_listener,
+            mem_bytes: config.mem_bytes,
+            store_path: opts.store.clone(),
+        },
+    )
+}
+
+/// How the machine runs, besides its parts.
+struct Runtime {
+    interval: Duration,
+    /// The bound control API socket.
+    api: Option<crate::api::Bound>,
+    mem_bytes: u64,
+    store_path: Option<PathBuf>,
 }
 
 /// The store fault plan of `EVM_INJECT_FAULT`, if set: failures injected
@@ -653,12 +684,7 @@ struct Running {
 }
 
 impl Running {
-    fn run(
-        self,
-        vcpus: Vec<VcpuFd>,
-        store: Option<Store>,
-        interval: Duration,
-    ) -> Result<RunEnd, VmError> {
+    fn run(self, vcpus: Vec<VcpuFd>, store: Option<Store>, rt: Runtime) -> Result<RunEnd, VmError> {
         vcpu::install_kick_handler().map_err(|e| {
             VmError::Os(
                 "signal handler",
@@ -668,7 +694,8 @@ impl Running {
         signals::forward_stop_signals(self.events_tx.clone())
             .map_err(|e| VmError::Os("signal thread", e))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let pauser: Arc<Pauser<ParkedState>> = Arc::new(Pauser::new(vcpus.len()));
+        let vcpu_count = vcpus.len();
+        let pauser: Arc<Pauser<ParkedState>> = Arc::new(Pauser::new(vcpu_count));
         let msrs = Arc::new(self.msrs);
         let save: vcpu::SaveFn<ParkedState> =
             Arc::new(move |v: &VcpuFd| state::save_vcpu(v, &msrs).map_err(|e| e.to_string()));
@@ -686,24 +713,46 @@ impl Running {
             let t = vcpu::spawn(i as u8, vcpu, ctx).map_err(|e| VmError::Os("vCPU thread", e))?;
             threads.lock().unwrap_or_else(|e| e.into_inner()).push(t);
         }
+        let gate = Arc::new(Gate::new(pauser, threads));
         console::spawn_pump(self.serial.clone()).map_err(|e| VmError::Os("console thread", e))?;
         console::spawn_stdin(self.serial.clone(), self.events_tx.clone())
             .map_err(|e| VmError::Os("stdin thread", e))?;
+        let telemetry = Arc::new(Telemetry::new(
+            rt.store_path.clone().filter(|_| store.is_some()),
+            rt.interval,
+            vcpu_count,
+            rt.mem_bytes,
+        ));
         let checkpointer = match store {
             Some(store) => Some(
                 Checkpointer::spawn(
                     Freezer {
                         vm: self.vm.clone(),
                         mem: self.mem.clone(),
-                        pauser: pauser.clone(),
-                        threads: threads.clone(),
+                        gate: gate.clone(),
                         devices: self.quiesce.clone(),
                         staging: Mutex::new(Vec::new()),
                     },
                     store,
-                    interval,
+                    rt.interval,
+                    telemetry.clone(),
                 )
                 .map_err(|e| VmError::Os("checkpoint thread", e))?,
+            ),
+            None => None,
+        };
+        let api = match rt.api {
+            Some(bound) => Some(
+                ApiServer::spawn(
+                    bound,
+                    Control {
+                        telemetry,
+                        gate: gate.clone(),
+                        epochs: checkpointer.as_ref().map(Checkpointer::epoch_now),
+                        events: Mutex::new(self.events_tx.clone()),
+                    },
+                )
+                .map_err(|e| VmError::Os("API thread", e))?,
             ),
             None => None,
         };
@@ -714,25 +763,33 @@ impl Running {
         let outcome = match (&event, checkpointer) {
             (VmEvent::PowerOff | VmEvent::Reset, Some(c)) => c
                 .discard()
+                .map(|()| None)
                 .map_err(|e| format!("marking the store powered off: {e}")),
-            (VmEvent::Escape | VmEvent::Signal(_), Some(c)) => c
+            (VmEvent::Escape | VmEvent::Signal(_) | VmEvent::ApiStop, Some(c)) => c
                 .finish()
-                .map(|epoch| log::info!("final epoch {epoch} committed"))
+                .map(|epoch| {
+                    log::info!("final epoch {epoch} committed");
+                    Some(epoch)
+                })
                 .map_err(|e| {
                     format!("final epoch failed: {e}; the store holds the last committed one")
                 }),
-            _ => Ok(()),
+            _ => Ok(None),
         };
         stop.store(true, std::sync::atomic::Ordering::Release);
-        for t in threads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            t.kick();
+        // Paused vCPUs must leave their park to see the stop.
+        gate.resume();
+        gate.kick_all();
+        if let Some(api) = &api {
+            api.stop_reply().stopped(outcome.clone());
         }
+        drop(api);
         terminal.restore();
         outcome.map_err(VmError::Run)?;
         match event {
             VmEvent::PowerOff => Ok(RunEnd::PowerOff),
             VmEvent::Reset => Ok(RunEnd::Reset),
-            VmEvent::Escape | VmEvent::Signal(_) => Ok(RunEnd::Stopped),
+            VmEvent::Escape | VmEvent::Signal(_) | VmEvent::ApiStop => Ok(RunEnd::Stopped),
             VmEvent::Error(m) => Err(VmError::Run(m)),
         }
     }
