@@ -38,8 +38,10 @@ pub enum ClientError {
         detail: String,
     },
     /// The API answered with an error.
-    #[error("{message} (HTTP {status})")]
+    #[error("--api-sock {}: {message} (HTTP {status})", path.display())]
     Api {
+        /// The socket.
+        path: PathBuf,
         /// HTTP status.
         status: u16,
         /// The API's message.
@@ -150,6 +152,7 @@ pub fn json(
             .unwrap_or("error")
             .to_string();
         return Err(ClientError::Api {
+            path: sock.into(),
             status: r.status,
             message,
         });
