@@ -380,9 +380,12 @@ fn openpty(cols: u16, rows: u16) -> (OwnedFd, OwnedFd) {
         )
     };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both descriptors were just opened by openpty and are owned
-    // by nothing else.
-    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+    // SAFETY: the descriptor was just opened by openpty and is owned by
+    // nothing else.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    // SAFETY: as for the master.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    (master, slave)
 }
 
 fn set_size(fd: &OwnedFd, cols: u16, rows: u16) {
@@ -463,18 +466,20 @@ fn top_draws_survives_a_resize_and_quits_on_q() {
         .stdin(io(&slave))
         .stdout(io(&slave))
         .stderr(io(&slave));
-    // SAFETY: between fork and exec the child only calls setsid and ioctl,
-    // both async-signal-safe: it becomes a session leader whose controlling
-    // terminal is the pty (its stdin), as under a real terminal, so that
-    // /dev/tty is the pty too.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // The child becomes a session leader whose controlling terminal is the
+    // pty (its stdin), as under a real terminal, so /dev/tty is the pty too.
+    let make_tty = || {
+        // SAFETY: setsid takes no arguments.
+        let sid = unsafe { libc::setsid() };
+        // SAFETY: TIOCSCTTY takes an int argument, no pointer.
+        if sid < 0 || unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: between fork and exec the hook calls only setsid and ioctl,
+    // both async-signal-safe, and touches no memory of the parent.
+    unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, make_tty) };
     let mut top = cmd.spawn().expect("start evm top");
     drop(slave);
     let mut seen = String::new();
