@@ -24,6 +24,9 @@ impl Trigger for IrqLine {
     }
 }
 
+/// IIR bit 0: no interrupt pending.
+const IIR_NO_INTERRUPT: u8 = 0x01;
+
 /// Largest amount of host input kept waiting for the guest; beyond it the
 /// oldest bytes are dropped (a guest that never reads its console).
 const MAX_PENDING: usize = 1 << 20;
@@ -91,6 +94,20 @@ pub struct SerialPortState {
 pub struct SerialStateError(usize);
 
 impl SerialPort {
+    /// Raise the interrupt again if the UART has one pending (IIR says so).
+    /// After a restore, call it once the VM's interrupt controllers hold
+    /// their restored state: an edge raised before that (vm-superio raises
+    /// it while rebuilding the UART) met a masked, freshly reset IOAPIC
+    /// pin and was lost. A spurious one is harmless: the 8250 driver reads
+    /// IIR. Returns whether it raised it.
+    pub fn resignal(&self) -> std::io::Result<bool> {
+        let pending = self.uart.state().interrupt_identification & IIR_NO_INTERRUPT == 0;
+        if pending {
+            self.uart.interrupt_evt().trigger()?;
+        }
+        Ok(pending)
+    }
+
     /// The UART's state. Take it with the port locked.
     pub fn state(&self) -> SerialPortState {
         let s = self.uart.state();

@@ -554,6 +554,24 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
         (None, None) => return Err(VmError::NoKernel),
     }
     if let Some(epoch) = resume {
+        // Now that the IOAPIC and LAPICs hold their restored state, raise
+        // again every interrupt the devices had pending at the freeze: one
+        // raised while they were rebuilt met a masked, reset IOAPIC pin
+        // and was lost (seen: a guest waiting forever for a virtio-blk
+        // completion after a resume).
+        let resignal = |what: &str, r: std::io::Result<bool>| match r {
+            Ok(true) => log::debug!("resume: {what} interrupt raised again"),
+            Ok(false) => {}
+            Err(e) => log::warn!("resume: cannot raise the {what} interrupt again: {e}"),
+        };
+        resignal(
+            "COM1",
+            serial.lock().unwrap_or_else(|e| e.into_inner()).resignal(),
+        );
+        for t in &attached.transports {
+            let t = t.lock().unwrap_or_else(|e| e.into_inner());
+            resignal(t.device().name(), t.resignal());
+        }
         log::info!("resumed from epoch {epoch}");
     }
 

@@ -95,6 +95,17 @@ pub struct MmioTransportState {
 }
 
 impl MmioTransport {
+    /// Raise the interrupt if ISR bits are pending (after a restore, once
+    /// the interrupt controllers are restored). A spurious interrupt is
+    /// harmless: the driver reads the ISR. Returns whether it raised it.
+    pub fn resignal(&self) -> std::io::Result<bool> {
+        let pending = self.interrupt.status();
+        if pending != 0 {
+            self.interrupt.trigger(pending)?;
+        }
+        Ok(pending != 0)
+    }
+
     /// Save the transport's and the device's state. Call it with the
     /// transport locked: no request is then half done.
     pub fn state(&self) -> MmioTransportState {
@@ -116,8 +127,10 @@ impl MmioTransport {
     /// from the same configuration (same disk, same id). Validates every
     /// field; re-activates the device if the driver had set DRIVER_OK.
     /// New eventfds are created: register them with KVM as for
-    /// [`MmioTransport::new`]. A pending ISR is signalled again on the new
-    /// irqfd (KVM injects it when the irqfd is registered).
+    /// [`MmioTransport::new`]. A pending ISR is kept but not signalled:
+    /// call [`MmioTransport::resignal`] once the VM's interrupt controllers
+    /// are restored (an edge sent earlier meets a masked, reset IOAPIC pin
+    /// and is lost, and the guest then waits for its completion forever).
     pub fn restore(
         mem: GuestMem,
         mut device: Box<dyn VirtioDevice>,
@@ -222,15 +235,10 @@ impl MmioTransport {
                 .activate(mem, interrupt)
                 .map_err(MmioError::Activate)?;
         }
-        if state.interrupt_status != 0 {
-            transport
-                .interrupt
-                .trigger(state.interrupt_status)
-                .map_err(|source| MmioError::EventFd {
-                    device: name,
-                    source,
-                })?;
-        }
+        // The saved ISR bits are back (`Self::new` made a fresh interrupt);
+        // the interrupt itself is raised by `resignal` once the VM's
+        // interrupt controllers are restored.
+        transport.interrupt.set_status(state.interrupt_status);
         Ok(transport)
     }
 }

@@ -379,7 +379,10 @@ fn state_round_trips_and_the_restored_device_carries_on() {
     let mut r = MmioTransport::restore(mem.clone(), Box::new(Rng::new()), &saved).expect("restore");
     assert_eq!(r.state(), saved);
     assert!(r.is_activated());
-    // The pending ISR is signalled again on the new irqfd.
+    // The pending ISR is kept, and signalled again only when asked (once
+    // the VM's interrupt controllers are restored).
+    assert_eq!(irq_count(&r), 0);
+    assert!(r.resignal().expect("resignal"));
     assert_eq!(irq_count(&r), 1);
     rng_request(&mut q, 16);
     r.process_queue(0);
