@@ -119,7 +119,7 @@ fn api_and_tools_on_a_running_linux_guest() {
     assert!(!before.is_empty(), "no committed epochs listed");
     for c in run.commits() {
         if let Some((_, freeze)) = before.iter().find(|(n, _)| *n == c.2.epoch) {
-            assert_eq!(*freeze, u64::from(c.2.freeze_us), "epoch {}", c.2.epoch);
+            assert_eq!(*freeze, c.2.freeze_us, "epoch {}", c.2.epoch);
         }
     }
     let st = json(&["status", "--api-sock", s(&sock), "--json"]);
