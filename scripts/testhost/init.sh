@@ -7,7 +7,8 @@
 #   ttyS1 (console)  control lines "EVM-TH <WORD> ..." out; "SIG <NAME>" in
 #
 # Control lines out: UP (init runs), START (the command starts now; no retry
-# after this), EXIT <rc> (the command's exit status, 128+n for signal n),
+# after this), API (the command listens on its API socket, only for a run
+# with one), EXIT <rc> (the command's exit status, 128+n for signal n),
 # FAIL <why> (the test host itself is broken).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 umask 022
@@ -66,6 +67,34 @@ for serial in $TH_DISKS; do
     fi
 done
 
+# The API socket (scripts/run --api-sock): the host reaches TCP port
+# $TH_API_PORT at 10.0.2.15 through QEMU's user-mode network; socat relays
+# each connection to a new connection to the command's socket $TH_API_SOCK.
+if [ -n "${TH_API_PORT:-}" ]; then
+    while read -r m; do
+        insmod "/lib/testhost-modules/$m" || fail "insmod $m failed"
+    done </lib/testhost-modules/order-net
+    ifc=
+    for _ in $(seq 50); do
+        for d in /sys/class/net/*; do
+            [ -e "$d/device" ] && ifc=${d##*/}
+        done
+        [ -n "$ifc" ] && break
+        sleep 0.1
+    done
+    [ -n "$ifc" ] || fail "the virtio-net interface did not appear"
+    ip link set lo up
+    { ip addr add 10.0.2.15/24 dev "$ifc" && ip link set "$ifc" up; } ||
+        fail "cannot configure $ifc"
+    # -t 60: after one direction ends, the other may go on for 60 s (a
+    # client that half-closes after its request still gets the reply).
+    # backlog: with socat's default of 5, connections opened at once
+    # overflowed L1's accept queue and some then hung for good (QEMU 7.2's
+    # user-mode network lost their first bytes).
+    socat -t 60 "TCP4-LISTEN:$TH_API_PORT,bind=10.0.2.15,backlog=1024,reuseaddr,fork" \
+        "UNIX-CONNECT:$TH_API_SOCK" </dev/null >/dev/null 2>&1 &
+fi
+
 # The stderr channel.
 errdev=
 for _ in $(seq 50); do
@@ -122,11 +151,29 @@ ctl "START $up"
 "$@" <&3 >&3 2>"$errdev" 3>&- &
 pid=$!
 echo "$pid" >/run/cmd.pid
+# Tell the host once the command listens on its API socket (and the relay
+# on its port), so clients connecting early wait for that. Said three times:
+# a kernel message on ttyS1 at the same moment could garble one.
+if [ -n "${TH_API_PORT:-}" ]; then
+    (
+        hex=$(printf %04X "$TH_API_PORT")
+        until [ -S "$TH_API_SOCK" ] && grep -q ":$hex 00000000:0000 0A" /proc/net/tcp; do
+            kill -0 "$pid" 2>/dev/null || exit
+            sleep 0.1
+        done
+        for _ in 1 2 3; do
+            kill -0 "$pid" 2>/dev/null || exit
+            ctl API
+            sleep 0.5
+        done
+    ) 3>&- &
+    apiwatch=$!
+fi
 wait "$pid"
 rc=$?
 # Last close of ttyS0 waits until its output has left the UART.
 exec 3>&-
-kill "$reader" 2>/dev/null
+kill "$reader" ${apiwatch:-} 2>/dev/null
 sync
 ctl "EXIT $rc"
 poweroff -f

@@ -9,6 +9,9 @@ powers off.  Channels between this machine and L1:
                                       "SIG <NAME>" lines go the other way
     virtio port <-  socketpair "err"  the command's stderr
     monitor         unix socket mon.sock in the run folder
+    virtio-net      only with an API socket (RunSpec.api_sock): QEMU's
+                    user-mode network forwards a port on 127.0.0.1 here to
+                    L1's relay to the command's API socket (apisock.py)
 
 Disk files reach L1 as virtio-blk disks (serial evmN, cache=none), named
 /dev/disk/by-id/virtio-evmN there and, when the run asks, by a block device
@@ -36,7 +39,8 @@ import tty
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from initramfs import Cpio, TesthostError, build_base, run_env
+from apisock import API_L1_ADDR, API_L1_PORT, API_L1_SOCK, ApiBridge
+from initramfs import Cpio, TesthostError, build_base, build_binary_archive, run_env
 
 PR_SET_PDEATHSIG = 1
 
@@ -175,6 +179,8 @@ class RunSpec:
     mode: str = "evm"
     out_fd: int = 1  # where the command's stdout goes on this machine
     stdin: bool = True  # pass this machine's stdin to the command (raw on a tty)
+    # A Unix socket here forwarded to the command's API socket API_L1_SOCK in L1.
+    api_sock: Path | None = None
 
 
 class Testhost:
@@ -193,6 +199,7 @@ class Testhost:
         self.dump_requested = False  # SIGUSR1: ask L1 what the command's threads do
         self.forwarded = False
         self.rundir: Path | None = None
+        self.api: ApiBridge | None = None
         self.start = time.monotonic()
 
     # ---- preparation -------------------------------------------------
@@ -209,6 +216,12 @@ class Testhost:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.rundir = runs / f"{stamp}-{os.getpid()}"
         self.rundir.mkdir()
+        archives = list(self.spec.archives)
+        if self.spec.api_sock is not None:
+            socat = shutil.which("socat")
+            if socat is None:
+                raise TesthostError("socat not found (scripts/setup installs it); --api-sock needs it")
+            archives.append(build_binary_archive(self.cache, Path(socat), "socat", "usr/bin/socat"))
         c = Cpio()
         for l1_path, host in self.spec.files.items():
             c.file(l1_path, host.read_bytes(), 0o755 if os.access(host, os.X_OK) else 0o644)
@@ -220,11 +233,12 @@ class Testhost:
                 self.spec.env,
                 self.spec.mode,
                 {d.serial: d.node for d in self.spec.disks if d.node},
+                (API_L1_SOCK, API_L1_PORT) if self.spec.api_sock is not None else None,
             ),
         )
         initrd = self.rundir / "initrd"
         with open(initrd, "wb") as out:
-            for part in (base, *self.spec.archives):
+            for part in (base, *archives):
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
             out.write(c.finish())
@@ -271,7 +285,9 @@ class Testhost:
             parts.append(extra)
         return " ".join(parts)
 
-    def qemu_argv(self, initrd: Path, fds: dict[str, int], mon: Path | None) -> list[str]:
+    def qemu_argv(
+        self, initrd: Path, fds: dict[str, int], mon: Path | None, api_port: int | None = None
+    ) -> list[str]:
         a = [
             self.qemu,
             "-accel", f"tcg,thread={tcg_thread()}",
@@ -297,18 +313,28 @@ class Testhost:
             a += ["-monitor", f"unix:{mon},server=on,wait=off"]
         for i, d in enumerate(self.spec.disks):
             a += d.qemu_args(i)
+        if api_port is not None:
+            # No route out of L1 (restrict=on): only this one forward in.
+            fwd = f"tcp:127.0.0.1:{api_port}-{API_L1_ADDR}:{API_L1_PORT}"
+            a += [
+                "-netdev", f"user,id=api0,restrict=on,hostfwd={fwd}",
+                "-device", "virtio-net-pci,netdev=api0,romfile=",
+            ]
         a += shlex.split(os.environ.get("EVM_TESTHOST_QEMU_ARGS", ""))
         return a
 
     # ---- running -----------------------------------------------------
     def run(self) -> int:
-        initrd = self.prepare()
-        assert self.rundir is not None
-        wait_disks_free(self.spec.disks)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
-        signal.signal(signal.SIGUSR1, self._on_dump)
         try:
+            if self.spec.api_sock is not None:
+                # At once, so a client may connect while L1 boots (it waits).
+                self.api = ApiBridge(self.spec.api_sock)
+            initrd = self.prepare()
+            assert self.rundir is not None
+            wait_disks_free(self.spec.disks)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self._on_signal)
+            signal.signal(signal.SIGUSR1, self._on_dump)
             for attempt in (1, 2):
                 att = Attempt(self, initrd, attempt)
                 outcome = att.run()
@@ -318,6 +344,8 @@ class Testhost:
                 return outcome if isinstance(outcome, int) else EXIT_TESTHOST
             return EXIT_TESTHOST
         finally:
+            if self.api is not None:
+                self.api.close()
             restore_terminal()
 
     def _finish(self, success: bool) -> None:
@@ -414,7 +442,8 @@ class Attempt:
         elif mon.exists():
             mon.unlink()
         self.mon = mon
-        argv = th.qemu_argv(self.initrd, fds, mon)
+        api_port = th.api.new_attempt() if th.api is not None else None
+        argv = th.qemu_argv(self.initrd, fds, mon, api_port)
         (th.rundir / "qemu.argv").write_text("\n".join(argv) + "\n")
         qlog = open(th.rundir / f"qemu-{self.number}.log", "wb")
         try:
@@ -441,6 +470,8 @@ class Attempt:
         try:
             return self._supervise(proc)
         finally:
+            if th.api is not None:
+                th.api.set_ready(False)  # L1 is gone; waiting clients wait on for a retry
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -617,7 +648,12 @@ class Attempt:
             self.up.set()
         elif word == "START":
             self.started.set()
+        elif word == "API":
+            if self.th.api is not None:
+                self.th.api.set_ready(True)
         elif word == "EXIT":
+            if self.th.api is not None:
+                self.th.api.set_down()
             try:
                 self.exit_rc = int(rest) & 0xFF
             except ValueError:
