@@ -500,3 +500,29 @@ fn sqlite_commits_survive_seeded_power_cuts() {
         eprintln!("epoch {e}: no longer retained, not exported");
     }
 }
+
+/// The checks' reading of sqlite3's answers (no guest needed): a gap, a
+/// duplicate-free table that does not start at 1, a row with another's
+/// text, a damaged database and a failed sqlite3 are all caught.
+#[test]
+fn db_checks_catch_gaps_and_damage() {
+    let tail = String::new;
+    let rows = |out: &str| std::panic::catch_unwind(|| rows_in(out, "synthetic", &tail)).ok();
+    assert_eq!(rows("60000\nintegrity|ok\nrows|3|1|3|0"), Some(3));
+    assert_eq!(rows("integrity|ok\nrows|0|0|0|0"), Some(0));
+    assert_eq!(rows("integrity|ok\nrows|3|1|4|0"), None, "a gap");
+    assert_eq!(rows("integrity|ok\nrows|3|2|4|0"), None, "no row 1");
+    assert_eq!(rows("integrity|ok\nrows|3|1|3|1"), None, "a wrong text");
+    assert_eq!(
+        rows(
+            "integrity|*** in database main ***; Page 4: btreeInitPage() returns error code 11\nrows|3|1|3|0"
+        ),
+        None,
+        "integrity_check not ok"
+    );
+    assert_eq!(
+        rows("Error: database disk image is malformed\nsqlite3-failed 1"),
+        None
+    );
+    assert_eq!(rows("rows|3|1|3|0"), None, "no integrity line");
+}
