@@ -5,7 +5,8 @@
 #   kernel/            the whole extracted linux-image .deb (boot/, lib/modules/<ver>/)
 #   kernel-release     the kernel's release string (uname -r)
 #   busybox            static busybox from busybox-static
-#   initramfs.cpio.gz  busybox, virtio modules, /init, /sbin/evm-agent
+#   initramfs.cpio.gz  busybox, virtio modules, /init, /sbin/evm-agent, and
+#                      /usr/bin/sqlite3 with its loader and shared libraries
 #   disk.ext4          64 MiB ext4 image holding /hello
 #   SHA256SUMS         sha256 of the files above
 # Always runs cargo for the agent (a no-op when its sources did not change),
@@ -53,6 +54,11 @@ guest_hostname=evm-guest
 # skipped; anything neither built in nor shipped as a module is an error.
 module_roots=(virtio_mmio virtio_blk virtio_rng virtio_pci ext4)
 outputs=(vmlinuz busybox initramfs.cpio.gz disk.ext4)
+# Dynamically linked programs put into the initramfs, and the packages that
+# hold them and every shared library they load (all pinned in packages.lock).
+# Only the programs, the loader and the libraries are copied: no docs.
+userland_bins=(usr/bin/sqlite3)
+userland_pkgs=(sqlite3 libsqlite3-0 libc6 zlib1g libreadline8 libtinfo6)
 
 for tool in apt-get dpkg-deb cpio gzip mkfs.ext4 debugfs sha256sum flock cargo; do
     command -v "$tool" >/dev/null || die "'$tool' not found (run scripts/setup)"
@@ -150,6 +156,10 @@ kernel_pkg=$(grep -o '^linux-image-6\.1\.[^ ]*-cloud-amd64' "$lock" | head -n1)
 [[ -n $kernel_pkg ]] || die "no linux-image-6.1.*-cloud-amd64 package pinned in $lock"
 kernel_deb=$(fetch_deb "$kernel_pkg")
 busybox_deb=$(fetch_deb busybox-static)
+userland_debs=()
+for p in "${userland_pkgs[@]}"; do
+    userland_debs+=("$(fetch_deb "$p")")
+done
 
 # --- kernel ----------------------------------------------------------------
 
@@ -181,6 +191,52 @@ dpkg-deb -x "$busybox_deb" "$work/busybox-deb"
 [[ -x $work/busybox-deb/bin/busybox ]] || die "$busybox_deb has no bin/busybox"
 install -m 0755 "$work/busybox-deb/bin/busybox" "$out/busybox.new"
 mv "$out/busybox.new" "$out/busybox"
+
+# --- userland: dynamically linked programs and their libraries -----------
+
+ul=$work/userland
+mkdir -p "$ul"
+for deb in "${userland_debs[@]}"; do
+    dpkg-deb -x "$deb" "$ul"
+done
+# Prints path $1 (relative to $ul) with every symlink on the way followed
+# inside $ul, never into this machine's own /.
+ul_resolve() {
+    local rel=$1 t n=0
+    while [[ -L $ul/$rel ]]; do
+        ((++n <= 16)) || die "symlink loop at $rel in the extracted packages"
+        t=$(readlink "$ul/$rel")
+        if [[ $t == /* ]]; then
+            rel=${t#/}
+        else
+            rel=$(dirname "$rel")/$t
+        fi
+    done
+    [[ -f $ul/$rel ]] || die "$1 is not a file in the extracted packages (${userland_pkgs[*]})"
+    echo "$rel"
+}
+# The loader of the packages lists what each program loads, searching only
+# the packages' library folders; anything found elsewhere is an error.
+ul_ld=$ul/$(ul_resolve lib64/ld-linux-x86-64.so.2)
+ul_libpath=$ul/lib/x86_64-linux-gnu:$ul/usr/lib/x86_64-linux-gnu
+declare -A ul_files
+for bin in "${userland_bins[@]}"; do
+    [[ -f $ul/$bin ]] || die "no $bin in the packages ${userland_pkgs[*]}"
+    ul_files[$bin]=1
+    deps=$("$ul_ld" --library-path "$ul_libpath" --list "$ul/$bin") ||
+        die "cannot list the libraries of $bin: $deps"
+    while read -r name arrow path _; do
+        [[ $name == linux-vdso.so.* ]] && continue
+        [[ $arrow == "=>" ]] || die "$bin: unexpected loader output '$name $arrow $path'"
+        if [[ $name == /* ]]; then
+            # The ELF interpreter, at the absolute path the program names.
+            ul_files[${name#/}]=1
+        else
+            [[ $path == "$ul"/* ]] || die "$bin needs $name, which none of ${userland_pkgs[*]} holds (found: $path)"
+            ul_files[${path#"$ul"/}]=1
+        fi
+    done <<<"$deps"
+done
 
 # --- module load order -----------------------------------------------------
 
@@ -236,6 +292,24 @@ done < <("$out/busybox" --list-full)
 [[ -L $root/bin/sh && -L $root/sbin/insmod ]] || die "busybox lacks sh or insmod applets"
 install -m 0755 "$init_src" "$root/init"
 install -m 0755 "$agent_bin" "$root/sbin/evm-agent"
+# Each program and library at the path it is looked up by, as a plain file.
+for rel in "${!ul_files[@]}"; do
+    src=$ul/$(ul_resolve "$rel")
+    mkdir -p "$root/$(dirname "$rel")"
+    install -m "$(stat -c %a "$src")" "$src" "$root/$rel"
+done
+# They must run from there with nothing else: the initramfs's own loader
+# and libraries only.
+for bin in "${userland_bins[@]}"; do
+    "$root/lib64/ld-linux-x86-64.so.2" --inhibit-cache \
+        --library-path "$root/lib/x86_64-linux-gnu:$root/usr/lib/x86_64-linux-gnu" \
+        "$root/$bin" --version >/dev/null 2>&1 ||
+        die "$bin does not run with the loader and libraries put into the initramfs"
+done
+sqlite_version=$("$root/lib64/ld-linux-x86-64.so.2" --inhibit-cache \
+    --library-path "$root/lib/x86_64-linux-gnu:$root/usr/lib/x86_64-linux-gnu" \
+    "$root/usr/bin/sqlite3" -batch :memory: 'select sqlite_version()') ||
+    die "sqlite3 from the initramfs cannot open a database"
 : >"$root/etc/evm-modules"
 {
     echo "# Loaded in this order by /init; paths under /lib/modules/$kver/."
@@ -295,6 +369,7 @@ echo "$want" >"$stamp"
 note "built guest images in $out"
 note "kernel $kernel_pkg ${pin_version[$kernel_pkg]} ($kver)"
 note "modules loaded by /init, in order: ${load_order[*]}"
+note "sqlite3 $sqlite_version, with: $(printf '/%s\n' "${!ul_files[@]}" | LC_ALL=C sort | tr '\n' ' ')"
 [[ ${#skipped_builtin[@]} == 0 ]] || note "built into the kernel: ${skipped_builtin[*]}"
 (cd "$out" && for f in "${outputs[@]}"; do
     printf '%-18s %9s bytes\n' "$f" "$(stat -c %s "$f")"
