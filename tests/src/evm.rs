@@ -104,6 +104,19 @@ pub fn run_evm(bin: &Path, args: &[&str], opts: &RunOptions<'_>, timeout: Durati
     run
 }
 
+/// `evm <argv>` (the built binary) within `timeout`: it must succeed;
+/// returns its stdout.
+pub fn evm_ok(argv: &[&str], timeout: Duration) -> String {
+    let run = run_evm(&crate::evm_bin(), argv, &RunOptions::default(), timeout);
+    assert!(
+        run.status.success(),
+        "evm {argv:?}: {}\n{}",
+        run.status,
+        run.stderr
+    );
+    run.stdout
+}
+
 /// True when this process runs as root (and so can switch user, and is not
 /// stopped by file modes).
 pub fn is_root() -> bool {

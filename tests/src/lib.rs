@@ -20,11 +20,12 @@ pub mod evm_process;
 pub mod guest;
 pub mod host;
 pub mod lock;
+pub mod power;
 pub mod probe_run;
 pub mod refusal;
 pub mod store_file;
 pub mod store_run;
 
-pub use evm::{EvmRun, NOBODY, RunOptions, TempDir, is_root, run_evm};
+pub use evm::{EvmRun, NOBODY, RunOptions, TempDir, evm_ok, is_root, run_evm};
 pub use guest::{Guest, HarnessError, Ready};
 pub use host::{KvmKind, evm_bin, guest_image, kvm_kind, require_kvm};

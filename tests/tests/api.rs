@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use evm_tests::evm_process::{EpochLine, EvmProcess, Seen, Stream, probe_elf, probe_failure};
 use evm_tests::probe_run::{self, LOG, WAIT};
 use evm_tests::refusal::{refused, s};
-use evm_tests::{RunOptions, TempDir, evm_bin, require_kvm, run_evm};
+use evm_tests::{TempDir, evm_bin, require_kvm};
 
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|a| a.to_string()).collect()
@@ -25,14 +25,7 @@ fn args(list: &[&str]) -> Vec<String> {
 
 /// `evm <argv>`: must succeed; returns stdout.
 fn evm_ok(argv: &[&str]) -> String {
-    let run = run_evm(&evm_bin(), argv, &RunOptions::default(), WAIT);
-    assert!(
-        run.status.success(),
-        "evm {argv:?}: {}\n{}",
-        run.status,
-        run.stderr
-    );
-    run.stdout
+    evm_tests::evm_ok(argv, WAIT)
 }
 
 /// `evm <cmd> --api-sock SOCK --json`, parsed.
@@ -97,6 +90,20 @@ fn boot_args(store: &Path, sock: &Path) -> Vec<String> {
         "--api-sock",
         s(sock),
     ])
+}
+
+/// A probe with a store and an API socket, once it has committed an epoch.
+fn start_probe(store: &Path, sock: &Path) -> EvmProcess {
+    let mut p = EvmProcess::spawn(&evm_bin(), &boot_args(store, sock), LOG).expect("start evm");
+    p.wait_for("a commit", WAIT, |l| {
+        if EpochLine::parse(&l.text).is_some() {
+            Seen::Yes
+        } else {
+            Seen::No
+        }
+    })
+    .expect("the probe commits");
+    p
 }
 
 #[test]
@@ -292,15 +299,7 @@ fn api_bad_input_is_refused_in_one_line() {
     assert_eq!(std::fs::read(&file).expect("read"), b"keep me");
     let store = dir.join("vm.store");
     let sock = dir.join("api.sock");
-    let mut p = EvmProcess::spawn(&evm_bin(), &boot_args(&store, &sock), LOG).expect("start evm");
-    p.wait_for("a commit", WAIT, |l| {
-        if EpochLine::parse(&l.text).is_some() {
-            Seen::Yes
-        } else {
-            Seen::No
-        }
-    })
-    .expect("the probe commits");
+    let mut p = start_probe(&store, &sock);
     refused(
         &[
             "run",
@@ -448,15 +447,7 @@ fn top_draws_survives_a_resize_and_quits_on_q() {
     let dir = TempDir::new("api-top");
     let store = dir.join("vm.store");
     let sock = dir.join("api.sock");
-    let mut p = EvmProcess::spawn(&evm_bin(), &boot_args(&store, &sock), LOG).expect("start evm");
-    p.wait_for("a commit", WAIT, |l| {
-        if EpochLine::parse(&l.text).is_some() {
-            Seen::Yes
-        } else {
-            Seen::No
-        }
-    })
-    .expect("the probe commits");
+    let mut p = start_probe(&store, &sock);
 
     let (master, slave) = openpty(100, 30);
     let io = |fd: &OwnedFd| Stdio::from(fd.try_clone().expect("dup pty"));

@@ -22,8 +22,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use evm_tests::power;
 use evm_tests::store_run::StoreRun;
-use evm_tests::{HarnessError, RunOptions, TempDir, evm_bin, require_kvm, run_evm};
+use evm_tests::{HarnessError, TempDir, require_kvm};
 
 const BOOT: Duration = Duration::from_secs(300);
 const RESUME: Duration = Duration::from_secs(300);
@@ -40,16 +41,9 @@ fn fail<T>(e: HarnessError) -> T {
     panic!("{e}")
 }
 
-/// `evm <argv>` on this machine: must succeed; returns stdout.
+/// `evm <argv>`: must succeed; returns stdout.
 fn evm_ok(argv: &[&str]) -> String {
-    let run = run_evm(&evm_bin(), argv, &RunOptions::default(), TOOL);
-    assert!(
-        run.status.success(),
-        "evm {argv:?}: {}\n{}",
-        run.status,
-        run.stderr
-    );
-    run.stdout
+    evm_tests::evm_ok(argv, TOOL)
 }
 
 fn json(argv: &[&str]) -> serde_json::Value {
@@ -79,11 +73,6 @@ fn checkpoint(sock: &Path) -> u64 {
         .expect("an epoch number")
 }
 
-fn boot_id(run: &mut StoreRun) -> String {
-    run.run_cmd("cat /proc/sys/kernel/random/boot_id", CMD)
-        .unwrap_or_else(fail)
-}
-
 #[test]
 fn api_and_tools_on_a_running_linux_guest() {
     require_kvm();
@@ -110,7 +99,7 @@ fn api_and_tools_on_a_running_linux_guest() {
     )
     .unwrap_or_else(fail);
     run.wait_ready(BOOT).unwrap_or_else(fail);
-    let id = boot_id(&mut run);
+    let id = power::boot_id(&mut run);
     let (i, _) = run.wait_commit(0, COMMIT).unwrap_or_else(fail);
     run.wait_commit(i + 1, COMMIT).unwrap_or_else(fail);
 
@@ -188,7 +177,7 @@ fn api_and_tools_on_a_running_linux_guest() {
         StoreRun::start("api-resume", &["--store", s(&store)], &[]).unwrap_or_else(fail);
     let (epoch, _) = again.wait_resumed(RESUME).unwrap_or_else(fail);
     assert_eq!(epoch, final_epoch);
-    assert_eq!(boot_id(&mut again), id, "the guest rebooted");
+    assert_eq!(power::boot_id(&mut again), id, "the guest rebooted");
     assert_eq!(
         again.run_cmd("cat /tmp/marker", CMD).unwrap_or_else(fail),
         "two"
@@ -228,7 +217,7 @@ fn api_and_tools_on_a_running_linux_guest() {
     ]);
     let mut forked = StoreRun::start("api-fork", &["--store", s(&fork)], &[]).unwrap_or_else(fail);
     forked.wait_resumed(RESUME).unwrap_or_else(fail);
-    assert_eq!(boot_id(&mut forked), id, "the fork rebooted");
+    assert_eq!(power::boot_id(&mut forked), id, "the fork rebooted");
     assert_eq!(
         forked.run_cmd("cat /tmp/marker", CMD).unwrap_or_else(fail),
         "one",

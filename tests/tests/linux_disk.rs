@@ -15,6 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use evm_tests::power;
 use evm_tests::store_run::StoreRun;
 use evm_tests::{HarnessError, TempDir, evm_bin, guest_image, require_kvm};
 
@@ -30,11 +31,6 @@ fn s(p: &Path) -> &str {
 
 fn fail<T>(e: HarnessError) -> T {
     panic!("{e}")
-}
-
-fn boot_id(run: &mut StoreRun) -> String {
-    run.run_cmd("cat /proc/sys/kernel/random/boot_id", CMD)
-        .unwrap_or_else(fail)
 }
 
 /// Wait for two commits after console line `from`, then cut the power;
@@ -65,7 +61,7 @@ fn raw_writes_to_a_store_disk_survive_a_power_cut() {
     let create = ["--store", s(&store), "--disk-size", "64M"];
     let mut a = StoreRun::start("disk-raw-boot", &create, &[]).unwrap_or_else(fail);
     a.wait_ready(BOOT).unwrap_or_else(fail);
-    let id = boot_id(&mut a);
+    let id = power::boot_id(&mut a);
     assert_eq!(
         a.run_cmd("blockdev --getsize64 /dev/vda", CMD)
             .unwrap_or_else(fail),
@@ -86,7 +82,7 @@ fn raw_writes_to_a_store_disk_survive_a_power_cut() {
 
     let args = ["--store", s(&store)];
     let mut b = resume("disk-raw-resume", &args, last);
-    assert_eq!(boot_id(&mut b), id, "the guest rebooted");
+    assert_eq!(power::boot_id(&mut b), id, "the guest rebooted");
     b.run_cmd("echo 3 > /proc/sys/vm/drop_caches", CMD)
         .unwrap_or_else(fail);
     let read = |b: &mut StoreRun, what: &str| b.run_cmd(what, CMD).unwrap_or_else(fail);
@@ -131,7 +127,7 @@ fn imported_ext4_survives_a_power_cut_and_exports_clean() {
     let create = ["--store", s(&store), "--disk", s(&image)];
     let mut a = StoreRun::start("disk-ext4-boot", &create, &[]).unwrap_or_else(fail);
     a.wait_ready(BOOT).unwrap_or_else(fail);
-    let id = boot_id(&mut a);
+    let id = power::boot_id(&mut a);
     let (status, _, end) = a
         .run_status(
             "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo data > /mnt/f && sync",
@@ -144,7 +140,7 @@ fn imported_ext4_survives_a_power_cut_and_exports_clean() {
 
     let args = ["--store", s(&store)];
     let mut b = resume("disk-ext4-resume", &args, last);
-    assert_eq!(boot_id(&mut b), id, "the guest rebooted");
+    assert_eq!(power::boot_id(&mut b), id, "the guest rebooted");
     b.run_cmd("echo 3 > /proc/sys/vm/drop_caches", CMD)
         .unwrap_or_else(fail);
     assert_eq!(b.run_cmd("cat /mnt/f", CMD).unwrap_or_else(fail), "data");

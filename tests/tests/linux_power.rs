@@ -36,14 +36,14 @@
 use std::path::Path;
 use std::process::Command;
 use std::thread::sleep;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use evm_tests::evm_process::{SplitMix64, number_from_env, seed_from_env};
+use evm_tests::evm_process::SplitMix64;
+use evm_tests::power;
 use evm_tests::store_run::{StoreRun, agent_field};
 use evm_tests::{HarnessError, TempDir, evm_bin, guest_image, require_kvm};
 
 const BOOT: Duration = Duration::from_secs(300);
-const RESUME: Duration = Duration::from_secs(300);
 const CMD: Duration = Duration::from_secs(120);
 const COMMIT: Duration = Duration::from_secs(90);
 const EXIT: Duration = Duration::from_secs(180);
@@ -59,58 +59,6 @@ fn fail<T>(e: HarnessError) -> T {
     panic!("{e}")
 }
 
-fn seed() -> (u64, u64) {
-    let clock = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let seed = seed_from_env("EVM_POWER_SEED", clock);
-    let cuts = number_from_env("EVM_POWER_CUTS", 15);
-    eprintln!("EVM_POWER_SEED={seed:#x} EVM_POWER_CUTS={cuts}");
-    (seed, cuts)
-}
-
-fn boot_id(run: &mut StoreRun) -> String {
-    run.run_cmd("cat /proc/sys/kernel/random/boot_id", CMD)
-        .unwrap_or_else(fail)
-}
-
-/// After console line `from`: two commits (the second one's freeze came
-/// after line `from`), then a random wait of up to one interval, then the
-/// power cut. Returns the last epoch reported committed before the cut.
-fn cut_after_commits(run: &mut StoreRun, from: usize, rng: &mut SplitMix64) -> u64 {
-    let (i, _) = run.wait_commit(from, COMMIT).unwrap_or_else(fail);
-    run.wait_commit(i + 1, COMMIT).unwrap_or_else(fail);
-    // A third of the cuts right after a commit, the rest anywhere in the
-    // interval (during the next freeze, write or fdatasync).
-    if !rng.chance(1, 3) {
-        sleep(Duration::from_millis(rng.below(INTERVAL_MS)));
-    }
-    let last = run.commits().last().map(|c| c.2.epoch).expect("a commit");
-    run.power_cut().unwrap_or_else(fail);
-    // Commit lines that arrived between reading `last` and the cut count.
-    run.commits().last().map(|c| c.2.epoch).unwrap_or(last)
-}
-
-/// `scripts/run --store S`: it must resume, from `last` or later, the
-/// same boot.
-fn resume(name: &str, store: &Path, last: u64, id: &str) -> StoreRun {
-    let mut b =
-        StoreRun::start(name, &["--store", s(store), "--vcpus", "1"], &[]).unwrap_or_else(fail);
-    let (epoch, took) = b.wait_resumed(RESUME).unwrap_or_else(fail);
-    assert!(
-        epoch >= last,
-        "resumed from epoch {epoch}, but epoch {last} was reported committed\n{}",
-        b.tail()
-    );
-    assert_eq!(boot_id(&mut b), id, "the guest rebooted\n{}", b.tail());
-    eprintln!(
-        "{name}: resumed from epoch {epoch} (last reported {last}) after {:.1}s",
-        took.as_secs_f64()
-    );
-    b
-}
-
 /// `d/i` of an agent reply's `disk_seq=`: durable and issued (`-`: none).
 fn disk_seq(reply: &str) -> (Option<u64>, Option<u64>) {
     let v = agent_field(reply, "disk_seq").unwrap_or_else(|| panic!("no disk_seq in '{reply}'"));
@@ -123,7 +71,7 @@ fn disk_seq(reply: &str) -> (Option<u64>, Option<u64>) {
 #[test]
 fn disk_records_survive_seeded_power_cuts() {
     require_kvm();
-    let (seed, cuts) = seed();
+    let (seed, cuts) = power::seed(15);
     let mut rng = SplitMix64::new(seed).fork(0xd15c);
     let dir = TempDir::new("power-disk");
     let store = dir.join("vm.store");
@@ -149,9 +97,9 @@ fn disk_records_survive_seeded_power_cuts() {
         sleep(Duration::from_millis(rng.below(1500)));
         let (reply, end) = run.agent("status", "STATUS", CMD).unwrap_or_else(fail);
         let (before, _) = disk_seq(&reply);
-        let last = cut_after_commits(&mut run, end + 1, &mut rng);
+        let last = power::cut_after_commits(&mut run, end + 1, &mut rng, INTERVAL_MS);
         drop(run);
-        run = resume(&format!("power-disk-{k}"), &store, last, &id);
+        run = power::resume(&format!("power-disk-{k}"), &store, last, &id);
         let (ok, _) = run.agent("verify", "VERIFY OK", CMD).unwrap_or_else(fail);
         let (durable, issued) = disk_seq(&ok);
         assert!(
@@ -257,7 +205,7 @@ fn check_exported(store: &Path, dir: &TempDir, epoch: u64) -> Option<u64> {
 #[test]
 fn ext4_appends_survive_seeded_power_cuts_and_export_clean() {
     require_kvm();
-    let (seed, cuts) = seed();
+    let (seed, cuts) = power::seed(15);
     let mut rng = SplitMix64::new(seed).fork(0xe474);
     let dir = TempDir::new("power-ext4");
     let store = dir.join("vm.store");
@@ -289,10 +237,10 @@ fn ext4_appends_survive_seeded_power_cuts_and_export_clean() {
             .unwrap_or_else(fail);
         assert_eq!(status, 0, "{}", run.tail());
         let before: u64 = out.trim().parse().expect("a number in /run/durable");
-        let last = cut_after_commits(&mut run, end + 1, &mut rng);
+        let last = power::cut_after_commits(&mut run, end + 1, &mut rng, INTERVAL_MS);
         commits.extend(run.commits().iter().map(|c| c.2.epoch));
         drop(run);
-        run = resume(&format!("power-ext4-{k}"), &store, last, &id);
+        run = power::resume(&format!("power-ext4-{k}"), &store, last, &id);
         let (d, n, i) = check_log(&mut run);
         assert!(
             d <= n && n <= i,

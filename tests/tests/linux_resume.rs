@@ -27,6 +27,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use evm_tests::evm_process::{SplitMix64, final_epoch, number_from_env, seed_from_env};
+use evm_tests::power;
 use evm_tests::store_run::{StoreRun, agent_counter, agent_field};
 use evm_tests::{HarnessError, TempDir, require_kvm, store_file};
 
@@ -59,11 +60,6 @@ fn fail<T>(e: HarnessError) -> T {
     panic!("{e}")
 }
 
-fn boot_id(run: &mut StoreRun) -> String {
-    run.run_cmd("cat /proc/sys/kernel/random/boot_id", CMD)
-        .unwrap_or_else(fail)
-}
-
 /// The judge's scenario (issue 3): at the default guest's prompt through
 /// `scripts/run --store S`, set `X=41` and write /tmp/f, wait for two
 /// commits, `kill -9` scripts/run, run `scripts/run --store S` again: the
@@ -79,7 +75,7 @@ fn shell_variable_and_tmp_file_survive_kill_9() {
 
     let mut a = StoreRun::start("shell-boot", &args, &[]).unwrap();
     let ready = a.wait_ready(BOOT).unwrap();
-    let id = boot_id(&mut a);
+    let id = power::boot_id(&mut a);
     assert_eq!(id, ready.boot_id);
     let (status, _, end) = a.run_status("X=41; echo state > /tmp/f", CMD).unwrap();
     assert_eq!(status, 0);
@@ -104,7 +100,7 @@ fn shell_variable_and_tmp_file_survive_kill_9() {
         b.run_cmd("echo $((X+1)) $(cat /tmp/f)", CMD).unwrap(),
         "42 state"
     );
-    assert_eq!(boot_id(&mut b), id, "the guest rebooted");
+    assert_eq!(power::boot_id(&mut b), id, "the guest rebooted");
     let booted = b
         .lines_from(0)
         .iter()
@@ -306,7 +302,7 @@ fn pages_written_by_evm_survive_kill_9() {
 
     let mut run = StoreRun::start("vmm-pages-boot", &first, &[]).unwrap();
     run.wait_ready(BOOT).unwrap();
-    let id = boot_id(&mut run);
+    let id = power::boot_id(&mut run);
     // No readahead: exactly the regions asked for are read. The shell
     // keeps /dev/vda open (fd 9): Linux drops a block device's page cache
     // at its last close.
@@ -348,7 +344,7 @@ fn pages_written_by_evm_survive_kill_9() {
             "resumed from epoch {epoch}, but epoch {last} was reported committed\n{}",
             run.tail()
         );
-        assert_eq!(boot_id(&mut run), id, "the guest rebooted");
+        assert_eq!(power::boot_id(&mut run), id, "the guest rebooted");
         let before = sectors_read(&mut run);
         for r in 0..read {
             let got = run

@@ -50,16 +50,15 @@
 use std::path::Path;
 use std::process::Command;
 use std::thread::sleep;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use evm_tests::evm_process::{SplitMix64, number_from_env, seed_from_env};
+use evm_tests::evm_process::SplitMix64;
+use evm_tests::power;
 use evm_tests::store_run::StoreRun;
 use evm_tests::{HarnessError, TempDir, evm_bin, guest_image, require_kvm};
 
 const BOOT: Duration = Duration::from_secs(300);
-const RESUME: Duration = Duration::from_secs(300);
 const CMD: Duration = Duration::from_secs(120);
-const COMMIT: Duration = Duration::from_secs(90);
 const EXIT: Duration = Duration::from_secs(180);
 /// How long the loop gets to insert 10 more rows after the last resume
 /// (about 3 rows a second in the test host on a quiet machine).
@@ -76,59 +75,6 @@ fn s(p: &Path) -> &str {
 
 fn fail<T>(e: HarnessError) -> T {
     panic!("{e}")
-}
-
-fn seed() -> (u64, u64) {
-    let clock = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    let seed = seed_from_env("EVM_POWER_SEED", clock);
-    let cuts = number_from_env("EVM_POWER_CUTS", DEFAULT_CUTS);
-    eprintln!("EVM_POWER_SEED={seed:#x} EVM_POWER_CUTS={cuts}");
-    (seed, cuts)
-}
-
-fn boot_id(run: &mut StoreRun) -> String {
-    run.run_cmd("cat /proc/sys/kernel/random/boot_id", CMD)
-        .unwrap_or_else(fail)
-}
-
-/// After console line `from`: two commits (the second one's freeze came
-/// after line `from`), then a random wait of up to one interval, then the
-/// power cut. Returns the last epoch reported committed before the cut.
-/// (As in `linux_power.rs`.)
-fn cut_after_commits(run: &mut StoreRun, from: usize, rng: &mut SplitMix64) -> u64 {
-    let (i, _) = run.wait_commit(from, COMMIT).unwrap_or_else(fail);
-    run.wait_commit(i + 1, COMMIT).unwrap_or_else(fail);
-    // A third of the cuts right after a commit, the rest anywhere in the
-    // interval (during the next freeze, write or fdatasync).
-    if !rng.chance(1, 3) {
-        sleep(Duration::from_millis(rng.below(INTERVAL_MS)));
-    }
-    let last = run.commits().last().map(|c| c.2.epoch).expect("a commit");
-    run.power_cut().unwrap_or_else(fail);
-    // Commit lines that arrived between reading `last` and the cut count.
-    run.commits().last().map(|c| c.2.epoch).unwrap_or(last)
-}
-
-/// `scripts/run --store S`: it must resume, from `last` or later, the
-/// same boot. (As in `linux_power.rs`.)
-fn resume(name: &str, store: &Path, last: u64, id: &str) -> StoreRun {
-    let mut b =
-        StoreRun::start(name, &["--store", s(store), "--vcpus", "1"], &[]).unwrap_or_else(fail);
-    let (epoch, took) = b.wait_resumed(RESUME).unwrap_or_else(fail);
-    assert!(
-        epoch >= last,
-        "resumed from epoch {epoch}, but epoch {last} was reported committed\n{}",
-        b.tail()
-    );
-    assert_eq!(boot_id(&mut b), id, "the guest rebooted\n{}", b.tail());
-    eprintln!(
-        "{name}: resumed from epoch {epoch} (last reported {last}) after {:.1}s",
-        took.as_secs_f64()
-    );
-    b
 }
 
 /// The database and its table, made once after the first boot.
@@ -372,7 +318,7 @@ fn durable(run: &mut StoreRun) -> (u64, usize) {
 #[test]
 fn sqlite_commits_survive_seeded_power_cuts() {
     require_kvm();
-    let (seed, cuts) = seed();
+    let (seed, cuts) = power::seed(DEFAULT_CUTS);
     let mut rng = SplitMix64::new(seed).fork(0x5917);
     let dir = TempDir::new("power-sqlite");
     let store = dir.join("vm.store");
@@ -404,10 +350,10 @@ fn sqlite_commits_survive_seeded_power_cuts() {
     for k in 0..cuts {
         sleep(Duration::from_millis(rng.below(1500)));
         let (before, end) = durable(&mut run);
-        let last = cut_after_commits(&mut run, end + 1, &mut rng);
+        let last = power::cut_after_commits(&mut run, end + 1, &mut rng, INTERVAL_MS);
         commits.extend(run.commits().iter().map(|c| c.2.epoch));
         drop(run);
-        run = resume(&format!("power-sqlite-{k}"), &store, last, &id);
+        run = power::resume(&format!("power-sqlite-{k}"), &store, last, &id);
         let what = format!("cut {k} (EVM_POWER_SEED={seed:#x})");
         let r = check_db(&mut run, &what);
         assert_bounds(&run, &what, r);

@@ -27,14 +27,7 @@ fn args(list: &[&str]) -> Vec<String> {
 
 /// `evm <argv>`: must succeed; returns stdout.
 fn evm_ok(argv: &[&str]) -> String {
-    let run = run_evm(&evm_bin(), argv, &RunOptions::default(), WAIT);
-    assert!(
-        run.status.success(),
-        "evm {argv:?}: {}\n{}",
-        run.status,
-        run.stderr
-    );
-    run.stdout
+    evm_tests::evm_ok(argv, WAIT)
 }
 
 /// The latest `gen=` the probe reported for vCPU 0 in `lines`.

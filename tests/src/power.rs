@@ -1,0 +1,84 @@
+//! Seeded power cuts of a real guest run through `scripts/run` (the
+//! `linux_power` and `linux_sqlite` chains): the seed, a cut at a random
+//! moment after two commits, and the resume that must be the same boot.
+//! Each helper panics with the run's transcript when something is wrong.
+
+use std::path::Path;
+use std::thread::sleep;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::HarnessError;
+use crate::evm_process::{SplitMix64, number_from_env, seed_from_env};
+use crate::store_run::StoreRun;
+
+/// Longest wait for one shell command in the guest.
+pub const CMD: Duration = Duration::from_secs(120);
+/// Longest wait for the next commit line.
+pub const COMMIT: Duration = Duration::from_secs(90);
+/// Longest wait for a resume.
+pub const RESUME: Duration = Duration::from_secs(300);
+
+fn fail<T>(e: HarnessError) -> T {
+    panic!("{e}")
+}
+
+/// `EVM_POWER_SEED` (default: from the clock) and `EVM_POWER_CUTS`
+/// (default `default_cuts`), printed first so a failure can be replayed.
+pub fn seed(default_cuts: u64) -> (u64, u64) {
+    let clock = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let seed = seed_from_env("EVM_POWER_SEED", clock);
+    let cuts = number_from_env("EVM_POWER_CUTS", default_cuts);
+    eprintln!("EVM_POWER_SEED={seed:#x} EVM_POWER_CUTS={cuts}");
+    (seed, cuts)
+}
+
+/// The guest's boot id (a resume keeps it, a boot changes it).
+pub fn boot_id(run: &mut StoreRun) -> String {
+    run.run_cmd("cat /proc/sys/kernel/random/boot_id", CMD)
+        .unwrap_or_else(fail)
+}
+
+/// After console line `from`: two commits (the second one's freeze came
+/// after line `from`), then a random wait of up to one interval, then the
+/// power cut. Returns the last epoch reported committed before the cut.
+pub fn cut_after_commits(
+    run: &mut StoreRun,
+    from: usize,
+    rng: &mut SplitMix64,
+    interval_ms: u64,
+) -> u64 {
+    let (i, _) = run.wait_commit(from, COMMIT).unwrap_or_else(fail);
+    run.wait_commit(i + 1, COMMIT).unwrap_or_else(fail);
+    // A third of the cuts right after a commit, the rest anywhere in the
+    // interval (during the next freeze, write or fdatasync).
+    if !rng.chance(1, 3) {
+        sleep(Duration::from_millis(rng.below(interval_ms)));
+    }
+    let last = run.commits().last().map(|c| c.2.epoch).expect("a commit");
+    run.power_cut().unwrap_or_else(fail);
+    // Commit lines that arrived between reading `last` and the cut count.
+    run.commits().last().map(|c| c.2.epoch).unwrap_or(last)
+}
+
+/// `scripts/run --store S --vcpus 1`: it must resume, from `last` or
+/// later, the boot `id`.
+pub fn resume(name: &str, store: &Path, last: u64, id: &str) -> StoreRun {
+    let store = store.to_str().expect("UTF-8 path");
+    let mut b =
+        StoreRun::start(name, &["--store", store, "--vcpus", "1"], &[]).unwrap_or_else(fail);
+    let (epoch, took) = b.wait_resumed(RESUME).unwrap_or_else(fail);
+    assert!(
+        epoch >= last,
+        "resumed from epoch {epoch}, but epoch {last} was reported committed\n{}",
+        b.tail()
+    );
+    assert_eq!(boot_id(&mut b), id, "the guest rebooted\n{}", b.tail());
+    eprintln!(
+        "{name}: resumed from epoch {epoch} (last reported {last}) after {:.1}s",
+        took.as_secs_f64()
+    );
+    b
+}
