@@ -3,13 +3,14 @@
 //! moment after two commits, and the resume that must be the same boot.
 //! Each helper panics with the run's transcript when something is wrong.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::HarnessError;
 use crate::evm_process::{SplitMix64, number_from_env, seed_from_env};
 use crate::store_run::StoreRun;
+use crate::{HarnessError, TempDir, evm_bin};
 
 /// Longest wait for one shell command in the guest.
 pub const CMD: Duration = Duration::from_secs(120);
@@ -81,4 +82,46 @@ pub fn resume(name: &str, store: &Path, last: u64, id: &str) -> StoreRun {
         took.as_secs_f64()
     );
     b
+}
+
+/// Exports the disk of `epoch` into `dir` and makes it what a crash of the
+/// guest itself would leave: the ext4 journal replayed, then `e2fsck -fn`
+/// must find it clean. Returns the image, or None if the epoch is no
+/// longer retained (migrated into the home).
+pub fn export_clean_ext4(store: &Path, dir: &TempDir, epoch: u64) -> Option<PathBuf> {
+    let out = dir.join(&format!("epoch-{epoch}.img"));
+    let path = |p: &Path| p.to_str().expect("UTF-8 path").to_string();
+    let exp = Command::new(evm_bin())
+        .args(["export", "--store", &path(store), "--disk", &path(&out)])
+        .args(["--epoch", &epoch.to_string()])
+        .output()
+        .expect("run evm export");
+    let err = String::from_utf8_lossy(&exp.stderr);
+    if !exp.status.success() && err.contains("not a retained") {
+        return None;
+    }
+    assert!(exp.status.success(), "evm export --epoch {epoch}: {err}");
+    // What mounting it after a crash of the guest would do first.
+    let replay = Command::new("e2fsck")
+        .args(["-E", "journal_only", "-y", &path(&out)])
+        .output()
+        .expect("run e2fsck -E journal_only");
+    assert!(
+        replay.status.code().is_some_and(|c| c <= 1),
+        "journal replay of epoch {epoch}: {}\n{}{}",
+        replay.status,
+        String::from_utf8_lossy(&replay.stdout),
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .args(["-fn", &path(&out)])
+        .output()
+        .expect("run e2fsck -fn");
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn of the disk of epoch {epoch}: {}\n{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    Some(out)
 }

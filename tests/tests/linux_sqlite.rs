@@ -48,14 +48,13 @@
 //! Nothing here asserts timing; each wait fails with the transcript.
 
 use std::path::Path;
-use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use evm_tests::evm_process::SplitMix64;
 use evm_tests::power;
 use evm_tests::store_run::StoreRun;
-use evm_tests::{HarnessError, TempDir, evm_bin, guest_image, require_kvm};
+use evm_tests::{HarnessError, TempDir, guest_image, require_kvm};
 
 const BOOT: Duration = Duration::from_secs(300);
 const CMD: Duration = Duration::from_secs(120);
@@ -232,38 +231,7 @@ fn assert_bounds(run: &StoreRun, what: &str, r: Rows) {
 /// 1..N. Returns N and whether a journal file was left, or None if the
 /// epoch is no longer retained (migrated into the home).
 fn check_exported(store: &Path, dir: &TempDir, epoch: u64) -> Option<(u64, bool)> {
-    let out = dir.join(&format!("epoch-{epoch}.img"));
-    let exp = Command::new(evm_bin())
-        .args(["export", "--store", s(store), "--disk", s(&out)])
-        .args(["--epoch", &epoch.to_string()])
-        .output()
-        .expect("run evm export");
-    let err = String::from_utf8_lossy(&exp.stderr);
-    if !exp.status.success() && err.contains("not a retained") {
-        return None;
-    }
-    assert!(exp.status.success(), "evm export --epoch {epoch}: {err}");
-    let replay = Command::new("e2fsck")
-        .args(["-E", "journal_only", "-y", s(&out)])
-        .output()
-        .expect("run e2fsck -E journal_only");
-    assert!(
-        replay.status.code().is_some_and(|c| c <= 1),
-        "journal replay of epoch {epoch}: {}\n{}{}",
-        replay.status,
-        String::from_utf8_lossy(&replay.stdout),
-        String::from_utf8_lossy(&replay.stderr)
-    );
-    let fsck = Command::new("e2fsck")
-        .args(["-fn", s(&out)])
-        .output()
-        .expect("run e2fsck -fn");
-    assert!(
-        fsck.status.success(),
-        "e2fsck -fn of the disk of epoch {epoch}: {}\n{}",
-        fsck.status,
-        String::from_utf8_lossy(&fsck.stdout)
-    );
+    let out = power::export_clean_ext4(store, dir, epoch)?;
     let args = [
         "--no-store",
         "--disk",
