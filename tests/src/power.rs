@@ -76,12 +76,43 @@ pub fn resume(name: &str, store: &Path, last: u64, id: &str) -> StoreRun {
         "resumed from epoch {epoch}, but epoch {last} was reported committed\n{}",
         b.tail()
     );
-    assert_eq!(boot_id(&mut b), id, "the guest rebooted\n{}", b.tail());
+    let got = match b.run_cmd("cat /proc/sys/kernel/random/boot_id", CMD) {
+        Ok(got) => got,
+        Err(e) => panic!("{e}\n{}", stuck_report(Path::new(store), epoch)),
+    };
+    assert_eq!(got, id, "the guest rebooted\n{}", b.tail());
     eprintln!(
         "{name}: resumed from epoch {epoch} (last reported {last}) after {:.1}s",
         took.as_secs_f64()
     );
     b
+}
+
+/// What the store says of a guest that does not answer after resuming from
+/// `epoch`: `evm inspect` of that epoch and of the newest (vCPU mode, RIP,
+/// RSP, CR3, RFLAGS), to tell a wedged guest kernel from a stopped device.
+pub fn stuck_report(store: &Path, epoch: u64) -> String {
+    let path = store.to_str().expect("UTF-8 path");
+    let mut out = String::from("--- the store of the guest that did not answer ---\n");
+    for which in [Some(epoch.to_string()), None] {
+        let mut c = Command::new(evm_bin());
+        c.args(["inspect", "--store", path]);
+        if let Some(n) = &which {
+            c.args(["--epoch", n]);
+        }
+        match c.output() {
+            Ok(o) => {
+                out.push_str(&format!(
+                    "evm inspect --epoch {}:\n{}{}",
+                    which.as_deref().unwrap_or("newest"),
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+            Err(e) => out.push_str(&format!("evm inspect: {e}\n")),
+        }
+    }
+    out
 }
 
 /// Exports the disk of `epoch` into `dir` and makes it what a crash of the

@@ -574,7 +574,13 @@ fn kill_chain(tag: &str, vcpus: &str, salt: u64) {
             "{what}: resumed from epoch {epoch}, but epoch {reported} was reported committed\n{}",
             run.tail()
         );
-        let after = check_guest(&mut run, &id, bound, &what);
+        let after = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_guest(&mut run, &id, bound, &what)
+        }))
+        .unwrap_or_else(|e| {
+            eprintln!("{}", power::stuck_report(&store, epoch));
+            std::panic::resume_unwind(e)
+        });
         eprintln!(
             "{what}: {phase:?}, {} ms after a commit line; reported {reported}, resumed {epoch} \
              in {:.1}s; counter {after} >= {bound}",
