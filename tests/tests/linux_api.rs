@@ -14,7 +14,8 @@
 //! - `evm fork` of an epoch taken before a file changed runs that older
 //!   state (the file's old contents), and the original store still has the
 //!   new one;
-//! - `evm inspect`, `evm verify` and `evm diff` on the real store.
+//! - `evm inspect`, `evm verify`, `evm diff` and `evm export --memory` on
+//!   the real store.
 //!
 //! Nothing here asserts timing.
 
@@ -204,6 +205,21 @@ fn api_and_tools_on_a_running_linux_guest() {
         &second.to_string(),
     ]);
     assert!(!diff.is_empty());
+
+    // The guest memory image of an epoch: all of its 256 MiB of RAM.
+    let image = dir.join("memory.raw");
+    evm_ok(&[
+        "export",
+        "--store",
+        s(&store),
+        "--epoch",
+        &first.to_string(),
+        "--memory",
+        s(&image),
+    ]);
+    let len = std::fs::metadata(&image).expect("memory image").len();
+    assert_eq!(len, 256 << 20, "memory image of epoch {first}");
+    std::fs::remove_file(&image).expect("remove the memory image");
 
     // Fork the epoch taken while /tmp/marker said "one": it runs that state.
     let fork = dir.join("fork.store");
