@@ -64,36 +64,7 @@ pub fn create(mem_bytes: u64) -> Result<GuestMem, MemoryError> {
         .into_iter()
         .map(|(s, l)| (GuestAddress(s), l as usize))
         .collect();
-    let mem =
-        GuestMem::from_ranges(&ranges).map_err(|e| MemoryError::Allocate(mem_bytes >> 20, e))?;
-    for region in mem.iter() {
-        advise_huge_pages(region);
-    }
-    Ok(mem)
-}
-
-/// Ask for transparent huge pages behind guest RAM, as QEMU does: where
-/// THP is in `madvise` mode (Debian's default) anonymous memory otherwise
-/// gets 4 KiB pages, and every first touch of guest RAM costs a host page
-/// fault and a KVM mapping of 4 KiB instead of 2 MiB (measured in the test
-/// host: the guest's boot spent ~0.6 s longer than under QEMU, mostly in
-/// memory-heavy phases such as unpacking the initramfs). Dirty logging
-/// still maps 4 KiB pages in KVM; the host side keeps the benefit. Advice
-/// only: a kernel without THP says no and nothing changes.
-fn advise_huge_pages(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) {
-    let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
-        return;
-    };
-    // SAFETY: `host` and `region.len()` describe one live anonymous mapping
-    // owned by the region; MADV_HUGEPAGE only changes how the kernel backs
-    // it, never its contents or validity.
-    let rc = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
-    if rc != 0 {
-        log::debug!(
-            "madvise(MADV_HUGEPAGE) on guest RAM: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    GuestMem::from_ranges(&ranges).map_err(|e| MemoryError::Allocate(mem_bytes >> 20, e))
 }
 
 /// Register every region of `mem` with KVM, one slot each. With
