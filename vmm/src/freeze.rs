@@ -1,7 +1,9 @@
 //! The freeze: stop every vCPU and device queue for a moment, take the
 //! epoch's dirty pages (KVM's log plus the VMM's own writes) and the whole
-//! machine's state, copy the dirty pages aside, and let the guest run again.
-//! Everything slow (writing, syncing) happens afterwards, in `epoch`.
+//! machine's state, write-protect the dirty pages (`cow`; or, where
+//! userfaultfd cannot, copy them aside), and let the guest run again; then
+//! copy the protected pages while the guest runs. Everything slow (writing,
+//! syncing) happens afterwards, in `epoch`.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -12,6 +14,7 @@ use devices::virtio::{BlockMap, EpochDisk, MmioTransport, MmioTransportState};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::cow::{Capture, Cow};
 use crate::gate::Gate;
 use crate::state::{self, MachineState, VcpuState};
 use crate::vcpu::MachineEnding;
@@ -91,6 +94,17 @@ pub struct Freezer {
     pub devices: Quiesce,
     /// The page buffer of the last written epoch, reused.
     pub staging: Mutex<Vec<u8>>,
+    /// Copy-on-write capture of dirty pages; `None`: copy them while the
+    /// vCPUs are stopped.
+    pub cow: Option<Arc<Cow>>,
+}
+
+/// The dirty pages as the freeze leaves them.
+enum Pages {
+    /// Copied during the freeze.
+    Copied(Vec<u8>),
+    /// Write-protected during the freeze, to be copied after it.
+    Protected(Arc<Capture>),
 }
 
 impl std::fmt::Debug for Freezer {
@@ -114,27 +128,41 @@ impl Freezer {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let mut t_parked = Duration::ZERO;
+        let mut t_released = Duration::ZERO;
         let result = self
             .gate
             .with_parked(|vcpus| {
                 t_parked = start.elapsed();
-                self.capture(vcpus, carry)
+                let r = self.capture(vcpus, carry);
+                t_released = start.elapsed();
+                r
             })
             .map_err(FreezeError::from)
             .and_then(|r| r);
+        let freeze = start.elapsed();
+        log::debug!("freeze: released after {} µs", t_released.as_micros());
+        let (gpas, pages, state, disk) = result?;
+        let data = match pages {
+            Pages::Copied(d) => d,
+            Pages::Protected(capture) => capture.drain(),
+        };
         log::debug!(
-            "freeze: parked after {} µs, captured after {} µs",
+            "freeze: parked after {} µs, captured after {} µs, pages copied after {} µs{}",
             t_parked.as_micros(),
-            start.elapsed().as_micros()
+            freeze.as_micros(),
+            start.elapsed().as_micros(),
+            match &self.cow {
+                Some(c) => format!(" ({} copied on write faults so far)", c.faults()),
+                None => String::new(),
+            }
         );
-        let (gpas, data, state, disk) = result?;
         Ok(Frozen {
             disk,
             offsets: gpas.iter().map(|g| image_offset(*g)).collect(),
             gpas,
             data,
             state,
-            freeze: start.elapsed(),
+            freeze,
             wall_time_ns,
         })
     }
@@ -145,22 +173,26 @@ impl Freezer {
         &self,
         vcpus: Vec<ParkedState>,
         carry: &[u64],
-    ) -> Result<(Vec<u64>, Vec<u8>, Vec<u8>, Arc<BlockMap>), FreezeError> {
+    ) -> Result<(Vec<u64>, Pages, Vec<u8>, Arc<BlockMap>), FreezeError> {
         let vcpus: Vec<VcpuState> = vcpus
             .into_iter()
             .collect::<Result<_, _>>()
             .map_err(FreezeError::Vcpu)?;
+        let t = Instant::now();
         let serial = lock(&self.devices.serial);
         let transports: Vec<_> = self.devices.virtio.iter().map(|t| lock(t)).collect();
+        log::debug!("freeze: devices locked in {} µs", t.elapsed().as_micros());
         let devices = DeviceStates {
             serial: serial.state(),
             virtio: transports.iter().map(|t| t.state()).collect(),
         };
+        let t = Instant::now();
         let vm = state::save_vm(&self.vm).map_err(FreezeError::Vm)?;
+        let t_vm = t.elapsed();
         let t = Instant::now();
         let (gpas, data) = self.copy_dirty(carry)?;
         log::debug!(
-            "freeze: {} pages collected and copied in {} µs",
+            "freeze: {} pages collected and protected or copied in {} µs",
             gpas.len(),
             t.elapsed().as_micros()
         );
@@ -172,14 +204,22 @@ impl Freezer {
         };
         drop(transports);
         drop(serial);
+        let t = Instant::now();
         let machine = MachineState::new(vcpus, vm, encode_devices(&devices));
-        Ok((gpas, data, state::encode(&machine), disk))
+        let state = state::encode(&machine);
+        log::debug!(
+            "freeze: VM state saved in {} µs, machine state encoded in {} µs",
+            t_vm.as_micros(),
+            t.elapsed().as_micros()
+        );
+        Ok((gpas, data, state, disk))
     }
 
     /// Collect the epoch's dirty pages (KVM's log OR the VMM's bitmap) and
-    /// copy them into one buffer.
-    fn copy_dirty(&self, carry: &[u64]) -> Result<(Vec<u64>, Vec<u8>), FreezeError> {
+    /// protect them or copy them into one buffer.
+    fn copy_dirty(&self, carry: &[u64]) -> Result<(Vec<u64>, Pages), FreezeError> {
         let mut gpas = Vec::new();
+        let t = Instant::now();
         for (slot, region) in self.mem.iter().enumerate() {
             let len = region.len() as usize;
             let kvm_log = self
@@ -206,13 +246,20 @@ impl Freezer {
             gpas.sort_unstable();
             gpas.dedup();
         }
+        log::debug!("freeze: dirty logs read in {} µs", t.elapsed().as_micros());
         // Host addresses as integers: plain data the copy threads share.
         let srcs: Vec<Option<usize>> = gpas
             .iter()
             .map(|g| host_ptr(&self.mem, *g).map(|p| p as usize))
             .collect();
-        let data = self.copy_pages(&srcs);
-        Ok((gpas, data))
+        let pages = match &self.cow {
+            Some(cow) => {
+                let buf = std::mem::take(&mut *lock(&self.staging));
+                Pages::Protected(cow.capture(&srcs, buf))
+            }
+            None => Pages::Copied(self.copy_pages(&srcs)),
+        };
+        Ok((gpas, pages))
     }
 
     /// Copy the pages at host addresses `srcs` into one buffer, with two

@@ -6,6 +6,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod cow;
 pub mod cpu;
 pub mod cpuid;
 pub mod epoch;

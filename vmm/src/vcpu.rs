@@ -104,9 +104,16 @@ impl<T> Pauser<T> {
     }
 
     /// Ask every vCPU to park; the caller then kicks the threads and calls
-    /// `wait_parked`.
+    /// `wait_parked`. A vCPU released by the last `release` may not have
+    /// left its park yet: wait for that first, or this request would find
+    /// it still counted as parked, with its saved state already taken, and
+    /// a freeze would return one state too few.
     pub fn request(&self) {
-        self.lock().pause = true;
+        let mut g = self.lock();
+        while g.parked > 0 {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.pause = true;
     }
 
     /// Wait until every vCPU is parked and return what each saved.
@@ -124,17 +131,13 @@ impl<T> Pauser<T> {
         Ok(g.saved.iter_mut().filter_map(Option::take).collect())
     }
 
-    /// Let every parked vCPU run again, and wait until each has left its
-    /// park: otherwise the next `request` could find a vCPU still counted as
-    /// parked, whose saved state was already taken, and a freeze would
-    /// return one state too few.
+    /// Let every parked vCPU run again. It does not wait for the threads
+    /// to be scheduled (the next `request` does): the freeze ends when the
+    /// vCPUs may run, as a VMM's downtime usually does.
     pub fn release(&self) {
         let mut g = self.lock();
         g.pause = false;
         self.cv.notify_all();
-        while g.parked > 0 {
-            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
     }
 
     fn pause_requested(&self) -> bool {

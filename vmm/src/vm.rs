@@ -741,6 +741,9 @@ impl Running {
             vcpu_count,
             rt.mem_bytes,
         ));
+        let cow = store
+            .as_ref()
+            .and_then(|_| crate::cow::for_freeze(&self.mem));
         let checkpointer = match store {
             Some(store) => Some(
                 Checkpointer::spawn(
@@ -750,6 +753,7 @@ impl Running {
                         gate: gate.clone(),
                         devices: self.quiesce.clone(),
                         staging: Mutex::new(Vec::new()),
+                        cow: cow.clone(),
                     },
                     store,
                     rt.interval,
@@ -794,6 +798,11 @@ impl Running {
                 }),
             _ => Ok(None),
         };
+        // The checkpoint thread has ended, and with it every capture: no
+        // page is protected any more.
+        if let Some(c) = &cow {
+            c.shutdown();
+        }
         stop.store(true, std::sync::atomic::Ordering::Release);
         // Paused vCPUs must leave their park to see the stop.
         gate.resume();

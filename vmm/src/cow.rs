@@ -1,0 +1,524 @@
+//! Copy-on-write capture of an epoch's dirty pages, with userfaultfd's
+//! write protection (the mechanism of QEMU's background snapshot).
+//!
+//! During the freeze the epoch's dirty pages are write-protected instead of
+//! copied — one `UFFDIO_WRITEPROTECT` per run of adjacent pages — and the
+//! vCPUs run again at once. Afterwards the checkpoint thread copies the
+//! pages aside (`Capture::drain`), lifting the protection run by run. A vCPU
+//! (through KVM's page fault) or a device thread that writes a protected
+//! page first blocks in the kernel; the fault thread here copies that page
+//! aside, then lifts its protection, which wakes the writer. Either way each
+//! page is copied exactly once, as it was at the freeze.
+//!
+//! Each page's `state` says who copies it: `PROTECTED` (nobody yet; the
+//! page is write-protected, so its contents are still the freeze's),
+//! `COPYING` (one side won it and is copying) and `COPIED`. Protection is
+//! lifted only from pages that are `COPIED` or not part of the capture, and
+//! the fault thread does that while holding `Cow::current`, which the
+//! freeze also holds while it protects the next epoch's pages: so a late
+//! fault of one epoch can never unprotect a page of the next before it was
+//! copied.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use devices::GuestMem;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::freeze::PAGE;
+
+const UFFD_API: u64 = 0xaa;
+/// `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+/// `_IOWR(0xaa, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+/// `_IOWR(0xaa, 0x06, struct uffdio_writeprotect)`.
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xc018_aa06;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+/// Bit of `_UFFDIO_WRITEPROTECT` in the ioctls a registration allows.
+const UFFD_IOCTL_WRITEPROTECT: u64 = 1 << 0x06;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_MSG_SIZE: usize = 32;
+
+/// Pages `Capture::drain` copies before it lifts their protection (1 MiB).
+const DRAIN_CHUNK: usize = 256;
+
+const PROTECTED: u8 = 0;
+const COPYING: u8 = 1;
+const COPIED: u8 = 2;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+/// Why copy-on-write capture is not available (the freeze then copies).
+#[derive(Debug, thiserror::Error)]
+pub enum CowError {
+    /// The userfaultfd syscall failed (no kernel support, or not allowed).
+    #[error("userfaultfd")]
+    Open(#[source] std::io::Error),
+    /// The API handshake failed.
+    #[error("UFFDIO_API")]
+    Api(#[source] std::io::Error),
+    /// Guest memory could not be registered for write protection.
+    #[error("UFFDIO_REGISTER (write-protect mode) of guest memory at {0:#x}")]
+    Register(u64, #[source] std::io::Error),
+    /// The kernel registers but cannot write-protect this memory.
+    #[error("the kernel cannot write-protect guest memory at {0:#x}")]
+    NoWriteProtect(u64),
+    /// The fault thread could not start.
+    #[error("fault thread")]
+    Thread(#[source] std::io::Error),
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Guest memory registered for write protection, and its fault thread.
+#[derive(Debug)]
+pub struct Cow {
+    uffd: OwnedFd,
+    /// The capture whose pages may still be protected.
+    current: Mutex<Option<Arc<Capture>>>,
+    /// Pages the fault thread copied (for the logs and tests).
+    faults: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Cow {
+    /// Register every region of `mem` for write protection and start the
+    /// thread that serves write faults on protected pages.
+    pub fn new(mem: &GuestMem) -> Result<Arc<Self>, CowError> {
+        // SAFETY: a plain syscall with flags; it returns a new descriptor
+        // or -1 and touches no memory of ours.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if fd < 0 {
+            return Err(CowError::Open(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a descriptor the kernel just gave us and nothing
+        // else owns.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes exactly a `struct uffdio_api`,
+        // which `api` is (repr(C), three u64s), alive for the call.
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+            return Err(CowError::Api(std::io::Error::last_os_error()));
+        }
+        for region in mem.iter() {
+            let start = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| {
+                    CowError::Register(
+                        region.start_addr().0,
+                        std::io::Error::from_raw_os_error(libc::EFAULT),
+                    )
+                })? as u64;
+            let mut reg = UffdioRegister {
+                range: UffdioRange {
+                    start,
+                    len: region.len(),
+                },
+                mode: UFFDIO_REGISTER_MODE_WP,
+                ioctls: 0,
+            };
+            // SAFETY: UFFDIO_REGISTER reads and writes exactly a `struct
+            // uffdio_register`; the range is a live anonymous mapping owned
+            // by `mem` (guest RAM), which the VM keeps for its lifetime.
+            if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } < 0 {
+                return Err(CowError::Register(
+                    region.start_addr().0,
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            if reg.ioctls & UFFD_IOCTL_WRITEPROTECT == 0 {
+                return Err(CowError::NoWriteProtect(region.start_addr().0));
+            }
+        }
+        let cow = Arc::new(Self {
+            uffd,
+            current: Mutex::new(None),
+            faults: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let c = cow.clone();
+        std::thread::Builder::new()
+            .name("cow faults".into())
+            .spawn(move || c.serve_faults())
+            .map_err(CowError::Thread)?;
+        Ok(cow)
+    }
+
+    /// Pages copied by the fault thread so far.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+    }
+
+    /// Stop the fault thread (within its poll timeout). Only once no page
+    /// is protected any more: a writer of a protected page would wait for
+    /// ever.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Set or lift write protection on `len` bytes at host address `start`.
+    fn protect(&self, start: usize, len: usize, wp: bool) -> std::io::Result<()> {
+        let mut arg = UffdioWriteprotect {
+            range: UffdioRange {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        loop {
+            // SAFETY: UFFDIO_WRITEPROTECT reads and writes exactly a
+            // `struct uffdio_writeprotect`; the range lies in guest RAM
+            // registered in `new` (the callers pass host addresses of guest
+            // pages). Lifting protection also wakes threads waiting on it.
+            let r = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut arg) };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            // EAGAIN: the address space changed under the call; retry.
+            if e.raw_os_error() != Some(libc::EAGAIN) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// During a freeze: write-protect the pages at host addresses `srcs`
+    /// (ascending within each memory region; `None`: not RAM, reads as
+    /// zeros) and return the capture that will copy them into `buf`, a
+    /// buffer with room for `srcs.len()` pages. Runs the kernel refuses to
+    /// protect are copied on the spot.
+    pub fn capture(self: &Arc<Self>, srcs: &[Option<usize>], mut buf: Vec<u8>) -> Arc<Capture> {
+        let n = srcs.len();
+        buf.clear();
+        buf.reserve(n * PAGE);
+        let cap = Arc::new(Capture {
+            cow: self.clone(),
+            srcs: srcs.to_vec(),
+            by_addr: {
+                let mut v: Vec<(usize, u32)> = srcs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| s.map(|a| (a, i as u32)))
+                    .collect();
+                v.sort_unstable();
+                v
+            },
+            state: (0..n).map(|_| AtomicU8::new(PROTECTED)).collect(),
+            dst: buf.as_mut_ptr() as usize,
+            buf: Mutex::new(Some(buf)),
+        });
+        let mut current = lock(&self.current);
+        let t = std::time::Instant::now();
+        let runs = runs(srcs);
+        log::debug!(
+            "freeze: {} pages in {} runs to write-protect",
+            n,
+            runs.len()
+        );
+        for (from, to) in runs {
+            let ok = match srcs[from] {
+                Some(start) => match self.protect(start, (to - from) * PAGE, true) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::warn!(
+                            "write-protecting {} pages failed ({e}): copying them now",
+                            to - from
+                        );
+                        false
+                    }
+                },
+                None => false,
+            };
+            if !ok {
+                for i in from..to {
+                    cap.claim(i);
+                }
+            }
+        }
+        log::debug!("freeze: protected in {} µs", t.elapsed().as_micros());
+        *current = Some(cap.clone());
+        cap
+    }
+
+    /// The fault thread: copy each page a writer waits for, then lift its
+    /// protection.
+    fn serve_faults(&self) {
+        let mut msgs = [0u8; UFFD_MSG_SIZE * 16];
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, FAULT_POLL.as_millis() as i32) };
+            if r <= 0 {
+                continue;
+            }
+            // SAFETY: reads at most `msgs.len()` bytes into `msgs`; the
+            // descriptor is non-blocking.
+            let got =
+                unsafe { libc::read(self.uffd.as_raw_fd(), msgs.as_mut_ptr().cast(), msgs.len()) };
+            if got <= 0 {
+                continue;
+            }
+            for msg in msgs[..got as usize].chunks_exact(UFFD_MSG_SIZE) {
+                if msg[0] != UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                // struct uffd_msg: event (u8), 7 reserved bytes, then
+                // pagefault.flags (u64) and pagefault.address (u64).
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&msg[16..24]);
+                let addr = u64::from_ne_bytes(a) as usize & !(PAGE - 1);
+                self.serve(addr);
+            }
+        }
+    }
+
+    fn serve(&self, addr: usize) {
+        // Held until the protection is lifted: see the module comment.
+        let current = lock(&self.current);
+        if let Some(cap) = current.as_ref()
+            && let Some(i) = cap.index(addr)
+            && cap.claim(i)
+        {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = self.protect(addr, PAGE, false) {
+            log::error!("lifting write protection of guest page at {addr:#x}: {e}");
+        }
+    }
+}
+
+/// Index ranges `[from, to)` of `srcs` whose pages are adjacent in host
+/// memory (or all not RAM), in order.
+fn runs(srcs: &[Option<usize>]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for i in 1..=srcs.len() {
+        let joined = i < srcs.len()
+            && match (srcs[i - 1], srcs[i]) {
+                (Some(a), Some(b)) => b == a + PAGE,
+                (None, None) => true,
+                _ => false,
+            };
+        if !joined {
+            if from < i {
+                out.push((from, i));
+            }
+            from = i;
+        }
+    }
+    out
+}
+
+/// One epoch's pages, protected at the freeze and copied afterwards.
+#[derive(Debug)]
+pub struct Capture {
+    cow: Arc<Cow>,
+    /// Host address of each page (`None`: zeros).
+    srcs: Vec<Option<usize>>,
+    /// `(host address, index)`, sorted, to find a faulting page.
+    by_addr: Vec<(usize, u32)>,
+    state: Vec<AtomicU8>,
+    /// Start of the destination buffer (`buf`'s allocation).
+    dst: usize,
+    /// The destination, handed out by `drain`.
+    buf: Mutex<Option<Vec<u8>>>,
+}
+
+impl Capture {
+    fn index(&self, addr: usize) -> Option<usize> {
+        self.by_addr
+            .binary_search_by_key(&addr, |(a, _)| *a)
+            .ok()
+            .map(|k| self.by_addr[k].1 as usize)
+    }
+
+    /// Copy page `i` unless someone else has (or is); wait until it is
+    /// copied either way. True if this call copied it.
+    fn claim(&self, i: usize) -> bool {
+        let s = &self.state[i];
+        if s.compare_exchange(PROTECTED, COPYING, Ordering::Acquire, Ordering::Acquire)
+            .is_ok()
+        {
+            let d = (self.dst + i * PAGE) as *mut u8;
+            match self.srcs[i] {
+                // SAFETY: `d` is page `i` of the buffer, whose capacity is
+                // `srcs.len()` pages and which `buf` keeps alive until
+                // `drain` returns it (after every page is COPIED); only the
+                // winner of this compare-exchange writes page `i`. The
+                // source is a guest RAM page that is write-protected (or,
+                // during the freeze, not written by anyone) while PROTECTED
+                // or COPYING, so it holds the freeze's contents.
+                Some(p) => unsafe { std::ptr::copy_nonoverlapping(p as *const u8, d, PAGE) },
+                // SAFETY: as above for `d`.
+                None => unsafe { std::ptr::write_bytes(d, 0, PAGE) },
+            }
+            s.store(COPIED, Ordering::Release);
+            return true;
+        }
+        while s.load(Ordering::Acquire) != COPIED {
+            std::hint::spin_loop();
+        }
+        false
+    }
+
+    /// With the guest running: copy every page not yet copied, lifting the
+    /// protection run by run, and return the buffer of all pages in order.
+    pub fn drain(&self) -> Vec<u8> {
+        // In chunks of DRAIN_CHUNK pages, so that a page waits for the
+        // copy of at most one chunk before the guest may write it again.
+        let chunks = runs(&self.srcs).into_iter().flat_map(|(from, to)| {
+            (from..to)
+                .step_by(DRAIN_CHUNK)
+                .map(move |f| (f, (f + DRAIN_CHUNK).min(to)))
+        });
+        for (from, to) in chunks {
+            for i in from..to {
+                self.claim(i);
+            }
+            if let Some(start) = self.srcs[from]
+                && let Err(e) = self.cow.protect(start, (to - from) * PAGE, false)
+            {
+                log::error!("lifting write protection of {} guest pages: {e}", to - from);
+            }
+        }
+        {
+            let mut current = lock(&self.cow.current);
+            if current
+                .as_ref()
+                .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), self))
+            {
+                *current = None;
+            }
+        }
+        let mut buf = lock(&self.buf).take().unwrap_or_default();
+        let n = self.srcs.len();
+        if buf.capacity() >= n * PAGE {
+            // SAFETY: every page of the first `n * PAGE` bytes is COPIED
+            // (claimed above), i.e. written, and the capacity suffices.
+            unsafe { buf.set_len(n * PAGE) };
+        }
+        buf
+    }
+}
+
+/// The freeze's copy-on-write capture for `mem`, unless `EVM_FREEZE=copy`
+/// asks for copying during the freeze (to compare the two) or the kernel
+/// cannot (then it says so once and the freeze copies).
+pub fn for_freeze(mem: &GuestMem) -> Option<Arc<Cow>> {
+    if std::env::var("EVM_FREEZE").is_ok_and(|v| v == "copy") {
+        log::info!("EVM_FREEZE=copy: dirty pages are copied while the vCPUs are stopped");
+        return None;
+    }
+    match Cow::new(mem) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::warn!(
+                "copy-on-write freeze unavailable ({e}: {}); dirty pages are copied while the vCPUs are stopped",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            );
+            None
+        }
+    }
+}
+
+/// How long the fault thread sleeps in poll before it checks for a stop.
+pub const FAULT_POLL: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_join_adjacent_pages() {
+        let p = PAGE;
+        let srcs = [Some(0), Some(p), Some(3 * p), None, None, Some(4 * p)];
+        assert_eq!(runs(&srcs), vec![(0, 2), (2, 3), (3, 5), (5, 6)]);
+        assert_eq!(runs(&[]), vec![]);
+    }
+
+    /// Anonymous memory registered with userfaultfd: a write to a protected
+    /// page blocks until the fault thread copied the page, so the capture
+    /// holds the contents at `capture` time.
+    #[test]
+    fn writes_after_the_capture_do_not_reach_it() {
+        let mem = GuestMem::from_ranges(&[(vm_memory::GuestAddress(0), 64 * PAGE)]).unwrap();
+        let base = mem
+            .iter()
+            .next()
+            .unwrap()
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .unwrap() as usize;
+        let page = move |i: usize| (base + i * PAGE) as *mut u8;
+        for i in 0..64 {
+            // SAFETY: page i of the 64-page mapping `mem` owns.
+            unsafe { std::ptr::write_bytes(page(i), i as u8 + 1, PAGE) };
+        }
+        // Where the kernel or a seccomp policy forbids userfaultfd evm
+        // copies during the freeze instead; this test is for the kernels
+        // that allow it (Linux >= 5.7 on x86-64), as CI's does.
+        let cow = Cow::new(&mem).expect("userfaultfd write protection");
+        let srcs: Vec<Option<usize>> = (0..64).step_by(2).map(|i| Some(page(i) as usize)).collect();
+        let cap = cow.capture(&srcs, Vec::new());
+        // A writer thread overwrites every page while protected.
+        let writer = std::thread::spawn(move || {
+            for i in 0..64 {
+                // SAFETY: as above; the write blocks while the page is
+                // protected, until the fault thread lifts the protection.
+                unsafe { std::ptr::write_bytes(page(i), 0xee, PAGE) };
+            }
+        });
+        writer.join().unwrap();
+        let data = cap.drain();
+        assert_eq!(data.len(), 32 * PAGE);
+        for (k, chunk) in data.chunks(PAGE).enumerate() {
+            let want = (2 * k) as u8 + 1;
+            assert!(chunk.iter().all(|b| *b == want), "page {} changed", 2 * k);
+        }
+        assert!(cow.faults() > 0, "the writer never faulted");
+        // SAFETY: page 0 is mapped; the writer has finished.
+        assert_eq!(unsafe { *page(0) }, 0xee);
+        cow.shutdown();
+    }
+}
