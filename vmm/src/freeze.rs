@@ -97,6 +97,9 @@ pub struct Freezer {
     /// Copy-on-write capture of dirty pages; `None`: copy them while the
     /// vCPUs are stopped.
     pub cow: Option<Arc<Cow>>,
+    /// Pages whose dirty bits were taken before a freeze (`Cow::
+    /// protect_early`) and that are not yet in an epoch: the next freeze's.
+    pub early: Mutex<Vec<u64>>,
 }
 
 /// The dirty pages as the freeze leaves them.
@@ -118,30 +121,45 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Freezer {
-    /// Stop, capture, copy, resume. `carry` names pages that must be in
-    /// this epoch although they may not be dirty now (those of an epoch whose
-    /// write failed: it may or may not have reached the store).
+    /// Protect early, stop, capture, protect the rest, resume, copy.
+    /// `carry` names pages that must be in this epoch although they may not
+    /// be dirty now (those of an epoch whose write failed: it may or may not
+    /// have reached the store).
     pub fn freeze(&self, carry: &[u64]) -> Result<Frozen, FreezeError> {
+        if let Some(cow) = &self.cow {
+            // The bulk of the write protection, with the guest running.
+            let mut early = lock(&self.early);
+            let mut gpas = self.dirty_gpas()?;
+            gpas.extend_from_slice(&early);
+            gpas.sort_unstable();
+            gpas.dedup();
+            cow.protect_early(&self.srcs(&gpas));
+            *early = gpas;
+        }
         let start = Instant::now();
         let wall_time_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let mut t_parked = Duration::ZERO;
-        let mut t_released = Duration::ZERO;
         let result = self
             .gate
             .with_parked(|vcpus| {
                 t_parked = start.elapsed();
-                let r = self.capture(vcpus, carry);
-                t_released = start.elapsed();
-                r
+                self.capture(vcpus, carry)
             })
             .map_err(FreezeError::from)
             .and_then(|r| r);
         let freeze = start.elapsed();
-        log::debug!("freeze: released after {} µs", t_released.as_micros());
-        let (gpas, pages, state, disk) = result?;
+        let (gpas, pages, state, disk) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(cow) = &self.cow {
+                    cow.lift_early();
+                }
+                return Err(e);
+            }
+        };
         let data = match pages {
             Pages::Copied(d) => d,
             Pages::Protected(capture) => capture.drain(),
@@ -218,8 +236,47 @@ impl Freezer {
     /// Collect the epoch's dirty pages (KVM's log OR the VMM's bitmap) and
     /// protect them or copy them into one buffer.
     fn copy_dirty(&self, carry: &[u64]) -> Result<(Vec<u64>, Pages), FreezeError> {
-        let mut gpas = Vec::new();
         let t = Instant::now();
+        let mut fresh = self.dirty_gpas()?;
+        if !carry.is_empty() {
+            fresh.extend_from_slice(carry);
+            fresh.sort_unstable();
+            fresh.dedup();
+        }
+        log::debug!("freeze: dirty logs read in {} µs", t.elapsed().as_micros());
+        let fresh_srcs = self.srcs(&fresh);
+        let pages = match &self.cow {
+            Some(cow) => {
+                let early = std::mem::take(&mut *lock(&self.early));
+                let gpas = if early.is_empty() {
+                    fresh.clone()
+                } else {
+                    let mut g = [fresh.as_slice(), early.as_slice()].concat();
+                    g.sort_unstable();
+                    g.dedup();
+                    g
+                };
+                let srcs = self.srcs(&gpas);
+                let buf = std::mem::take(&mut *lock(&self.staging));
+                return Ok((gpas, Pages::Protected(cow.capture(&srcs, &fresh_srcs, buf))));
+            }
+            None => Pages::Copied(self.copy_pages(&fresh_srcs)),
+        };
+        Ok((fresh, pages))
+    }
+
+    /// Host addresses of the pages at `gpas` (`None`: not RAM).
+    fn srcs(&self, gpas: &[u64]) -> Vec<Option<usize>> {
+        // Host addresses as integers: plain data the copy threads share.
+        gpas.iter()
+            .map(|g| host_ptr(&self.mem, *g).map(|p| p as usize))
+            .collect()
+    }
+
+    /// The pages dirtied since the last call (KVM's log OR the VMM's
+    /// bitmap), ascending; their dirty bits are cleared.
+    fn dirty_gpas(&self) -> Result<Vec<u64>, FreezeError> {
+        let mut gpas = Vec::new();
         for (slot, region) in self.mem.iter().enumerate() {
             let len = region.len() as usize;
             let kvm_log = self
@@ -241,25 +298,7 @@ impl Freezer {
                 }
             }
         }
-        if !carry.is_empty() {
-            gpas.extend_from_slice(carry);
-            gpas.sort_unstable();
-            gpas.dedup();
-        }
-        log::debug!("freeze: dirty logs read in {} µs", t.elapsed().as_micros());
-        // Host addresses as integers: plain data the copy threads share.
-        let srcs: Vec<Option<usize>> = gpas
-            .iter()
-            .map(|g| host_ptr(&self.mem, *g).map(|p| p as usize))
-            .collect();
-        let pages = match &self.cow {
-            Some(cow) => {
-                let buf = std::mem::take(&mut *lock(&self.staging));
-                Pages::Protected(cow.capture(&srcs, buf))
-            }
-            None => Pages::Copied(self.copy_pages(&srcs)),
-        };
-        Ok((gpas, pages))
+        Ok(gpas)
     }
 
     /// Copy the pages at host addresses `srcs` into one buffer, with two

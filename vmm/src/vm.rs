@@ -754,6 +754,7 @@ impl Running {
                         devices: self.quiesce.clone(),
                         staging: Mutex::new(Vec::new()),
                         cow: cow.clone(),
+                        early: Mutex::new(Vec::new()),
                     },
                     store,
                     rt.interval,
