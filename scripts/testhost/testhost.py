@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apisock import API_L1_ADDR, API_L1_PORT, API_L1_SOCK, ApiBridge
+from hostenv import cache_dir
 from initramfs import Cpio, TesthostError, build_base, build_binary_archive, run_env
 
 PR_SET_PDEATHSIG = 1
@@ -596,10 +597,26 @@ class Attempt:
         except (OSError, ValueError, IndexError):
             pass
         if self.mon is not None:
+            regs = ""
             for cmd in ("info cpus", "info registers -a"):
-                for line in monitor(self.mon, cmd).splitlines():
+                out = monitor(self.mon, cmd)
+                regs += out
+                for line in out.splitlines():
                     if line.strip():
                         say(f"L1 monitor: {line.rstrip()}")
+            # A second sample tells a CPU stuck at one RIP from a busy one;
+            # the bytes at each RIP are what L1's memory holds there (under
+            # TCG a CPU may run a translation of older code).
+            time.sleep(1)
+            again = monitor(self.mon, "info registers -a")
+            for line in again.splitlines():
+                if "RIP=" in line:
+                    say(f"L1 monitor, 1 s later: {line.strip()}")
+            for rip in sorted(set(re.findall(r"\bRIP=(ffffffff[0-9a-f]{8})", regs + again))):
+                for line in monitor(self.mon, f"x /8xb 0x{rip}").splitlines():
+                    if line.strip():
+                        say(f"L1 monitor: {line.strip()}")
+            say_symbols(regs + again)
 
     # ---- threads -----------------------------------------------------
     def _pump(self, sock: socket.socket, fd: int) -> None:
@@ -682,6 +699,22 @@ class Attempt:
                 con.sendall(data)
             except OSError:
                 return
+
+
+def say_symbols(regs: str) -> None:
+    """L1's RIPs (nokaslr) named by scripts/symbolize, when its symbols are in
+    the cache (`scripts/symbolize --fetch` puts them there)."""
+    rips = sorted(set(re.findall(r"\bRIP=(ffffffff[0-9a-f]{8})", regs)))
+    script = Path(__file__).resolve().parent.parent / "symbolize"
+    if not rips or not any((cache_dir() / "kernel-dbg").glob("*/System.map")):
+        return
+    try:
+        r = subprocess.run([str(script), *rips], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        say(f"L1 symbols: {script}: {e}")
+        return
+    for line in (r.stdout + r.stderr).splitlines():
+        say(f"L1 symbols: {line}")
 
 
 def monitor(path: Path, cmd: str, timeout: float = 5.0) -> str:

@@ -19,6 +19,17 @@ pub const COMMIT: Duration = Duration::from_secs(90);
 /// Longest wait for a resume.
 pub const RESUME: Duration = Duration::from_secs(300);
 
+/// The kernel command line of the kill and power-cut chains: evm's default
+/// plus `nokaslr`, so that the RIP of a guest that wedged (`stuck_report`)
+/// is the kernel's own address, which `scripts/symbolize` names. Append
+/// the chain's `evm.*` options with [`cmdline`].
+pub const CMDLINE: &str = "console=ttyS0 pci=off panic=-1 quiet nokaslr";
+
+/// [`CMDLINE`] followed by `extra`.
+pub fn cmdline(extra: &str) -> String {
+    format!("{CMDLINE} {extra}")
+}
+
 fn fail<T>(e: HarnessError) -> T {
     panic!("{e}")
 }
@@ -90,7 +101,10 @@ pub fn resume(name: &str, store: &Path, last: u64, id: &str) -> StoreRun {
 
 /// What the store says of a guest that does not answer after resuming from
 /// `epoch`: `evm inspect` of that epoch and of the newest (vCPU mode, RIP,
-/// RSP, CR3, RFLAGS), to tell a wedged guest kernel from a stopped device.
+/// RSP, CR3, RFLAGS), to tell a wedged guest kernel from a stopped device,
+/// and the kernel functions at those RIPs (`scripts/symbolize`). L1's side
+/// is printed before this, by the timed-out wait (`StoreRun::dump_threads`:
+/// evm's threads in L1, or L1's registers if L1 itself is stuck).
 pub fn stuck_report(store: &Path, epoch: u64) -> String {
     let path = store.to_str().expect("UTF-8 path");
     let mut out = String::from("--- the store of the guest that did not answer ---\n");
@@ -112,7 +126,35 @@ pub fn stuck_report(store: &Path, epoch: u64) -> String {
             Err(e) => out.push_str(&format!("evm inspect: {e}\n")),
         }
     }
+    out.push_str(&symbolize(&out));
     out
+}
+
+/// `scripts/symbolize` of the kernel addresses in `evm inspect`'s text (a
+/// guest booted with [`CMDLINE`] has no KASLR), or how to get the symbols.
+fn symbolize(inspect: &str) -> String {
+    let mut rips: Vec<&str> = inspect
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "RIP").nth(1))
+        .filter(|a| a.starts_with("0xffffffff"))
+        .collect();
+    rips.sort_unstable();
+    rips.dedup();
+    if rips.is_empty() {
+        return String::new();
+    }
+    let script = crate::host::repo().join("scripts/symbolize");
+    match Command::new(&script).args(&rips).output() {
+        Ok(o) if o.status.success() => {
+            format!("scripts/symbolize:\n{}", String::from_utf8_lossy(&o.stdout))
+        }
+        Ok(o) => format!(
+            "scripts/symbolize {}: {}",
+            rips.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => format!("{}: {e}\n", script.display()),
+    }
 }
 
 /// Exports the disk of `epoch` into `dir` and makes it what a crash of the

@@ -75,7 +75,7 @@ fn disk_records_survive_seeded_power_cuts() {
     let mut rng = SplitMix64::new(seed).fork(0xd15c);
     let dir = TempDir::new("power-disk");
     let store = dir.join("vm.store");
-    let cmdline = "console=ttyS0 pci=off panic=-1 quiet evm.workload=disk evm.disk_rate=20";
+    let cmdline = power::cmdline("evm.workload=disk evm.disk_rate=20");
     let first = [
         "--store",
         s(&store),
@@ -86,7 +86,7 @@ fn disk_records_survive_seeded_power_cuts() {
         "--vcpus",
         "1",
         "--cmdline",
-        cmdline,
+        &cmdline,
         "--interval",
         INTERVAL,
     ];
@@ -187,6 +187,8 @@ fn ext4_appends_survive_seeded_power_cuts_and_export_clean() {
         MEM,
         "--vcpus",
         "1",
+        "--cmdline",
+        power::CMDLINE,
         "--interval",
         INTERVAL,
     ];

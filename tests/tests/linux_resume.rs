@@ -44,9 +44,9 @@ const EXIT: Duration = Duration::from_secs(180);
 /// Epoch interval of the tests that choose one.
 const INTERVAL: &str = "1s";
 const INTERVAL_DUR: Duration = Duration::from_secs(1);
-/// The kill chains' guest: counter and 16 MiB of pages rewritten at 4 MiB/s.
-const WORKLOAD_CMDLINE: &str =
-    "console=ttyS0 pci=off panic=-1 quiet evm.workload=counter,dirty:16:4";
+/// The kill chains' guest: counter and 16 MiB of pages rewritten at 4 MiB/s
+/// (appended to `power::CMDLINE`).
+const WORKLOAD: &str = "evm.workload=counter,dirty:16:4";
 /// Guest RAM of the kill chains: smaller than the default so that each
 /// resume reads less memory back through L1's emulated disk.
 const CHAIN_MEM: &str = "256M";
@@ -293,6 +293,8 @@ fn pages_written_by_evm_survive_kill_9() {
         s(&disk),
         "--vcpus",
         "2",
+        "--cmdline",
+        power::CMDLINE,
         "--interval",
         INTERVAL,
     ];
@@ -499,6 +501,7 @@ fn kill_chain(tag: &str, vcpus: &str, salt: u64) {
     let mut rng = SplitMix64::new(seed).fork(salt);
     let dir = TempDir::new(&format!("resume-{tag}"));
     let store = dir.join("vm.store");
+    let cmdline = power::cmdline(WORKLOAD);
     let first = [
         "--store",
         s(&store),
@@ -507,7 +510,7 @@ fn kill_chain(tag: &str, vcpus: &str, salt: u64) {
         "--mem",
         CHAIN_MEM,
         "--cmdline",
-        WORKLOAD_CMDLINE,
+        &cmdline,
         "--interval",
         INTERVAL,
     ];

@@ -300,6 +300,8 @@ fn sqlite_commits_survive_seeded_power_cuts() {
         MEM,
         "--vcpus",
         "1",
+        "--cmdline",
+        power::CMDLINE,
         "--interval",
         INTERVAL,
     ];
