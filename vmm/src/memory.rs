@@ -7,7 +7,9 @@
 use devices::GuestMem;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{FromRangesError, MmapRegionError};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
 /// Start of the 32-bit MMIO gap (3 GiB).
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
@@ -57,14 +59,101 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Alignment of guest RAM in evm's address space: a transparent huge page.
+const HUGE_PAGE: usize = 2 << 20;
+
 /// Allocate guest RAM (anonymous, private mmap; the dirty bitmap tracks the
-/// VMM's own writes).
+/// VMM's own writes), each region aligned to 2 MiB and advised for
+/// transparent huge pages, as QEMU does.
+///
+/// Both halves matter. Where THP is in `madvise` mode (Debian's default),
+/// anonymous memory without `MADV_HUGEPAGE` gets 4 KiB pages only; and KVM
+/// maps a slot with 2 MiB pages only when the slot's host address and guest
+/// address agree modulo 2 MiB, which a plain `mmap` does not promise (Linux
+/// before 6.7 hands out page-aligned addresses). Without both, every 4 KiB
+/// of guest RAM the guest first touches costs a nested-paging fault and a
+/// KVM exit: measured in the test host, ~29,000 such faults before the
+/// agent's ready line against ~600 under QEMU.
+///
+/// The mapping is never unmapped: guest RAM lives as long as the process
+/// (`GuestMem` is shared by every device and vCPU thread), and vm-memory
+/// cannot take ownership of a mapping it did not make itself.
 pub fn create(mem_bytes: u64) -> Result<GuestMem, MemoryError> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
+    let alloc = |e| MemoryError::Allocate(mem_bytes >> 20, e);
+    let regions = ram_ranges(mem_bytes)
         .into_iter()
-        .map(|(s, l)| (GuestAddress(s), l as usize))
-        .collect();
-    GuestMem::from_ranges(&ranges).map_err(|e| MemoryError::Allocate(mem_bytes >> 20, e))
+        .map(|(start, len)| {
+            let len = len as usize;
+            let host = map_aligned(len).map_err(|e| alloc(MmapRegionError::Mmap(e).into()))?;
+            advise_huge_pages(host, len);
+            // SAFETY: `host..host + len` is a live anonymous read-write
+            // private mapping made by `map_aligned` with exactly these
+            // `prot` and `flags`, which nothing else uses and which is never
+            // unmapped.
+            let region = unsafe {
+                MmapRegion::<AtomicBitmap>::build_raw(
+                    host,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                )
+            }
+            .map_err(|e| alloc(e.into()))?;
+            GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or_else(|| alloc(FromRangesError::InvalidGuestRegion))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMem::from_regions(regions).map_err(|e| alloc(e.into()))
+}
+
+/// Map `len` bytes of anonymous memory at a 2 MiB-aligned address: reserve
+/// `len + 2 MiB`, then unmap the slack before and after the aligned part.
+fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
+    let reserve = len
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: a new anonymous mapping at an address the kernel chooses
+    // (no MAP_FIXED): it cannot alias any memory the program uses.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    let head = start - base;
+    let tail = reserve - head - len;
+    for (addr, size) in [(base, head), (start + len, tail)] {
+        if size > 0 {
+            // SAFETY: `addr..addr + size` is part of the mapping made above
+            // and outside `start..start + len`; nothing has used it.
+            unsafe { libc::munmap(addr as *mut libc::c_void, size) };
+        }
+    }
+    Ok(start as *mut u8)
+}
+
+/// Ask for transparent huge pages behind `host..host + len`. Advice only: a
+/// kernel without THP says no and the memory works as before.
+fn advise_huge_pages(host: *mut u8, len: usize) {
+    // SAFETY: `host..host + len` is one anonymous mapping owned by guest
+    // RAM; MADV_HUGEPAGE changes only how the kernel backs it, never its
+    // contents or validity.
+    let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        log::debug!(
+            "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Register every region of `mem` with KVM, one slot each. With
@@ -117,5 +206,26 @@ mod tests {
             ram_ranges(5 << 30),
             vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 2 << 30)]
         );
+    }
+
+    #[test]
+    fn ram_is_huge_page_aligned_and_usable() {
+        use vm_memory::Bytes;
+        for mib in [32u64, 66, 512] {
+            let mem = create(mib << 20).expect("guest memory");
+            let region = mem.iter().next().expect("one region");
+            assert_eq!(region.len(), mib << 20);
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("host address");
+            assert_eq!(host as usize % HUGE_PAGE, 0, "{mib} MiB at {host:p}");
+            let last = GuestAddress((mib << 20) - 8);
+            mem.write_obj(0x1234_5678_9abc_def0u64, last)
+                .expect("write");
+            assert_eq!(
+                mem.read_obj::<u64>(last).expect("read"),
+                0x1234_5678_9abc_def0
+            );
+        }
     }
 }
