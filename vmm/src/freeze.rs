@@ -151,15 +151,9 @@ impl Freezer {
             .map_err(FreezeError::from)
             .and_then(|r| r);
         let freeze = start.elapsed();
-        let (gpas, pages, state, disk) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                if let Some(cow) = &self.cow {
-                    cow.lift_early();
-                }
-                return Err(e);
-            }
-        };
+        // On an error the early pages stay protected until written, as
+        // copied pages do, and stay in `early` for the next freeze.
+        let (gpas, pages, state, disk) = result?;
         let data = match pages {
             Pages::Copied(d) => d,
             Pages::Protected(capture) => capture.drain(),
