@@ -179,9 +179,10 @@ def build_base(cache: Path, guest: Path) -> Path:
         if not p.exists():
             raise TesthostError(f"missing {p} (scripts/setup builds it)")
     init = HERE / "init.sh"
+    kvmhold_c = HERE / "kvmhold.c"
     modules = module_load_order(kernel_tree, L1_MODULES)
     net_modules = [m for m in module_load_order(kernel_tree, L1_NET_MODULES) if m not in modules]
-    key = file_key([busybox, init, Path(__file__), *modules, *net_modules])
+    key = file_key([busybox, init, kvmhold_c, Path(__file__), *modules, *net_modules])
 
     def build() -> bytes:
         c = Cpio()
@@ -196,6 +197,7 @@ def build_base(cache: Path, guest: Path) -> Path:
             if a != "bin/busybox":
                 c.symlink(a, "/bin/busybox")
         c.file("init", init.read_bytes(), 0o755)
+        c.file("bin/kvmhold", compile_static(kvmhold_c, cache / "testhost" / "kvmhold"), 0o755)
         for order, kos in (("order", modules), ("order-net", net_modules)):
             for ko in kos:
                 c.file(f"lib/testhost-modules/{ko.name}", ko.read_bytes())
@@ -203,6 +205,16 @@ def build_base(cache: Path, guest: Path) -> Path:
         return c.finish()
 
     return write_if_changed(cache / "testhost" / "base.cpio", key, build)
+
+
+def compile_static(source: Path, out: Path) -> bytes:
+    """Compile a one-file C program for L1, statically linked."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Werror", "-o", str(out), str(source)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise TesthostError(f"gcc failed on {source}: {r.stderr.strip()}")
+    return out.read_bytes()
 
 
 def elf_interp(path: Path) -> str | None:

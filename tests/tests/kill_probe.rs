@@ -120,6 +120,9 @@ struct Tally {
     resumed_after_reported: u64,
     migrations: u64,
     fallbacks: u64,
+    /// Freezes that write-protected pages instead of copying them (evm's
+    /// debug line "… write-protected now …").
+    cow_freezes: u64,
     epochs: u64,
     max_freeze_us: u64,
     /// The longest freeze of a run's first epoch (after boot or resume).
@@ -140,6 +143,8 @@ fn fail(seed: u64, chain: &str, cycle: u64, what: impl std::fmt::Display) -> Str
 struct Chain<'a> {
     seed: u64,
     profile: &'a Profile,
+    /// Environment of every evm run.
+    env: &'a [(&'a str, &'a str)],
     rng: SplitMix64,
     bin: PathBuf,
     elf: String,
@@ -203,7 +208,7 @@ impl Chain<'_> {
     }
 
     fn spawn(&self, args: &[String]) -> Result<EvmProcess, String> {
-        EvmProcess::spawn(&self.bin, args, ENV).map_err(|e| self.err(e))
+        EvmProcess::spawn(&self.bin, args, self.env).map_err(|e| self.err(e))
     }
 
     /// Waits until this run has proved the guest alive: (after a resume)
@@ -318,6 +323,9 @@ impl Chain<'_> {
             }
             if l.text.contains("falling back") {
                 self.tally.fallbacks += 1;
+            }
+            if l.text.contains("write-protected now") {
+                self.tally.cow_freezes += 1;
             }
         }
         if let Some(at) = killed_at {
@@ -495,9 +503,26 @@ impl Chain<'_> {
 
 #[test]
 fn sigkill_at_random_instants_resumes_a_committed_epoch() {
+    kill_chains(ENV, 125, false);
+}
+
+/// The same with the copy-on-write freeze (`EVM_FREEZE=cow`, opt-in):
+/// pages are write-protected in the freeze and copied while the guest
+/// runs, so a page the guest writes meanwhile must still reach the epoch
+/// as it was at the freeze. Fewer kills (CI time): `EVM_KILL_CYCLES` sets
+/// both tests' count.
+#[test]
+fn sigkill_with_the_copy_on_write_freeze_resumes_a_committed_epoch() {
+    kill_chains(&[("EVM_LOG", "debug"), ("EVM_FREEZE", "cow")], 30, true);
+}
+
+/// Four seeded chains of `cycles` kills each (two at a time), with `env`
+/// set for every evm run; panics with the first failure of each chain.
+/// `cow`: whether the freezes must be copy-on-write ones.
+fn kill_chains(env: &[(&str, &str)], cycles: u64, cow: bool) {
     require_kvm();
     let seed = seed_from_env("EVM_KILL_SEED", DEFAULT_SEED);
-    let cycles = number_from_env("EVM_KILL_CYCLES", 125);
+    let cycles = number_from_env("EVM_KILL_CYCLES", cycles);
     let jobs = number_from_env("EVM_KILL_JOBS", 2).max(1);
     eprintln!(
         "EVM_KILL_SEED={seed:#x} EVM_KILL_CYCLES={cycles} EVM_KILL_JOBS={jobs}: {} chains",
@@ -530,6 +555,7 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
                     let mut chain = Chain {
                         seed,
                         profile,
+                        env,
                         rng: root.fork(i as u64),
                         bin: bin.clone(),
                         elf: elf.clone(),
@@ -598,6 +624,13 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
         sum(|t| t.fallbacks)
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    let cow_freezes = sum(|t| t.cow_freezes);
+    assert_eq!(
+        cow_freezes > 0,
+        cow,
+        "{cow_freezes} copy-on-write freezes, expected {}",
+        if cow { "some" } else { "none" }
+    );
     let want = PROFILES.len() as u64 * cycles;
     assert!(kills >= want, "only {kills} kill points, want {want}");
 }
