@@ -524,8 +524,9 @@ impl Capture {
         false
     }
 
-    /// With the guest running: copy every page not yet copied, lifting the
-    /// protection run by run, and return the buffer of all pages in order.
+    /// With the guest running: copy every page not yet copied (protection
+    /// stays on until the guest writes; see the module comment), and return
+    /// the buffer of all pages in order.
     pub fn drain(&self) -> Vec<u8> {
         for i in 0..self.srcs.len() {
             self.claim(i);
