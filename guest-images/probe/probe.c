@@ -18,6 +18,8 @@ typedef unsigned char u8;
 
 #define COM1_THR 0x3f8
 #define PM1_CNT 0x600
+#define SLEEP_STATUS 0x601
+#define WAKE_STATUS 0x80
 #define PM1_POWEROFF 0x34
 
 #define PAGE 4096UL
@@ -32,6 +34,13 @@ typedef unsigned char u8;
 static inline void outb(u16 port, u8 v)
 {
 	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline u8 inb(u16 port)
+{
+	u8 v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
 }
 
 static inline u64 rdtsc(void)
@@ -213,9 +222,14 @@ static __attribute__((noreturn)) void idle(void)
 		cpu_relax();
 }
 
+/* As Linux's ACPICA does after writing S5: poll the sleep status register
+ * for a wake that never comes (an exit per read, should the VMM let this
+ * vCPU run on after the power-off). */
 static __attribute__((noreturn)) void poweroff(void)
 {
 	outb(PM1_CNT, PM1_POWEROFF);
+	while (!(inb(SLEEP_STATUS) & WAKE_STATUS))
+		;
 	idle();
 }
 

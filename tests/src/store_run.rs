@@ -549,6 +549,7 @@ impl StoreRun {
     /// the status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, HarnessError> {
         let Some(status) = self.wait_status(timeout) else {
+            self.dump_threads();
             return Err(HarnessError::Timeout {
                 what: "scripts/run to exit".into(),
                 after: timeout,

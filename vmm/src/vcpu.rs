@@ -114,6 +114,16 @@ impl<T> Pauser<T> {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g.pause = true;
+        // Wakes vCPUs that hold (`wait_request`) rather than run.
+        self.cv.notify_all();
+    }
+
+    /// Wait until a pause is requested, or `timeout` passes.
+    fn wait_request(&self, timeout: std::time::Duration) {
+        let g = self.lock();
+        if !g.pause {
+            let _ = self.cv.wait_timeout(g, timeout);
+        }
     }
 
     /// Wait until every vCPU is parked and return what each saved.
@@ -195,6 +205,10 @@ pub struct VcpuContext<T> {
     pub mmio: Bus,
     /// Set when the machine stops for good.
     pub stop: Arc<AtomicBool>,
+    /// Set when the guest has asked for power-off or reset: the vCPU stops
+    /// running guest code and holds (it still parks for a freeze) until
+    /// `stop`.
+    pub machine_off: Arc<AtomicBool>,
     /// Where power-off, reset and errors are reported.
     pub events: Sender<VmEvent>,
     /// The freeze meeting point.
@@ -232,6 +246,10 @@ pub fn spawn<T: Send + 'static>(
 fn run_loop<T>(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext<T>) -> Option<VmEvent> {
     loop {
         if ctx.stop.load(Ordering::Acquire) {
+            return None;
+        }
+        if ctx.machine_off.load(Ordering::Acquire) {
+            hold(index, vcpu, ctx);
             return None;
         }
         if ctx.pauser.pause_requested() {
@@ -306,6 +324,41 @@ fn run_loop<T>(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext<T>) -> Option<VmE
     }
 }
 
+/// The machine is off (the guest wrote the ACPI sleep or reset register,
+/// or pulsed the i8042 reset line): run no more guest code. Left running, a
+/// Linux guest spins on the sleep status register after its power-off
+/// write, an exit to this process per read, for as long as the last epoch
+/// and the discard take. Holding, the vCPU still parks for that last
+/// freeze, whose epoch carries the disk's last writes.
+fn hold<T>(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext<T>) {
+    // Complete the I/O the last exit left pending (see the module
+    // comment), so that a state saved while holding is consistent.
+    vcpu.set_kvm_immediate_exit(1);
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+        other => log::debug!("vcpu{index}: last run before holding: {other:?}"),
+    }
+    log::debug!("vcpu{index}: the machine is off; holding");
+    hold_until_stop(&ctx.pauser, &ctx.stop, index as usize, || (ctx.save)(vcpu));
+}
+
+/// Park for every freeze requested until `stop`, saving with `save`.
+fn hold_until_stop<T>(
+    pauser: &Pauser<T>,
+    stop: &AtomicBool,
+    index: usize,
+    mut save: impl FnMut() -> T,
+) {
+    while !stop.load(Ordering::Acquire) {
+        if pauser.pause_requested() {
+            pauser.park(index, save());
+        } else {
+            // `stop` comes without a notification: look again soon.
+            pauser.wait_request(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,5 +399,51 @@ mod tests {
         }
         pauser.request();
         assert_eq!(pauser.wait_parked(), Err(MachineEnding));
+    }
+
+    /// vCPUs holding after a power-off still park for every freeze (the
+    /// last epoch's) and end at `stop`; a mix of running and holding ones
+    /// freezes too.
+    #[test]
+    fn holding_vcpus_park_for_freezes_and_end_at_stop() {
+        let n = 3;
+        let pauser = Arc::new(Pauser::<usize>::new(n));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..n)
+            .map(|i| {
+                let (p, s) = (pauser.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    if i == 0 {
+                        // Still running guest code, as a vCPU not yet kicked.
+                        while !s.load(Ordering::Acquire) {
+                            if p.pause_requested() {
+                                p.park(i, i);
+                            }
+                            std::thread::yield_now();
+                        }
+                    } else {
+                        let mut saves = 0;
+                        hold_until_stop(&p, &s, i, || {
+                            saves += 1;
+                            i
+                        });
+                        assert!(saves >= 200, "vcpu{i} saved {saves} times");
+                    }
+                    p.finish();
+                })
+            })
+            .collect();
+        for round in 0..200 {
+            pauser.request();
+            let saved = pauser.wait_parked().expect("no vCPU ended");
+            let mut ids = saved.clone();
+            ids.sort_unstable();
+            assert_eq!(ids, (0..n).collect::<Vec<_>>(), "round {round}");
+            pauser.release();
+        }
+        stop.store(true, Ordering::Release);
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 }

@@ -168,13 +168,21 @@ pub struct RunOptions {
     pub api_sock: Option<PathBuf>,
 }
 
-fn power_handler(events: Sender<VmEvent>) -> devices::legacy::PowerHandler {
+/// Reports the guest's power-off and reset requests, and marks the machine
+/// off first: the vCPU that asked (on whose thread this runs) then stops
+/// running guest code, and so does every other one once kicked (see
+/// `vcpu::run_loop`).
+fn power_handler(
+    events: Sender<VmEvent>,
+    machine_off: Arc<AtomicBool>,
+) -> devices::legacy::PowerHandler {
     let events = Mutex::new(events);
     Box::new(move |e| {
         let ev = match e {
             PowerEvent::PowerOff => VmEvent::PowerOff,
             PowerEvent::Reset => VmEvent::Reset,
         };
+        machine_off.store(true, std::sync::atomic::Ordering::Release);
         let _ = events.lock().unwrap_or_else(|p| p.into_inner()).send(ev);
     })
 }
@@ -443,6 +451,7 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
     }
 
     let (events_tx, events_rx) = channel::<VmEvent>();
+    let machine_off = Arc::new(AtomicBool::new(false));
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
 
@@ -460,12 +469,18 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
     let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), COM1_BASE as u64, 8)?;
     pio.insert(
-        Arc::new(Mutex::new(I8042::new(power_handler(events_tx.clone())))),
+        Arc::new(Mutex::new(I8042::new(power_handler(
+            events_tx.clone(),
+            machine_off.clone(),
+        )))),
         I8042_BASE,
         I8042_LEN,
     )?;
     pio.insert(
-        Arc::new(Mutex::new(AcpiPower::new(power_handler(events_tx.clone())))),
+        Arc::new(Mutex::new(AcpiPower::new(power_handler(
+            events_tx.clone(),
+            machine_off.clone(),
+        )))),
         ACPI_POWER_BASE,
         ACPI_POWER_LEN,
     )?;
@@ -593,6 +608,7 @@ pub fn run(opts: &RunOptions) -> Result<RunEnd, VmError> {
         quiesce,
         events_tx,
         events_rx,
+        machine_off,
         msrs: state::msr_indices_to_save(&kvm).map_err(|e| VmError::Run(e.to_string()))?,
     };
     let store = opened.map(|o| {
@@ -698,6 +714,9 @@ struct Running {
     quiesce: Quiesce,
     events_tx: Sender<VmEvent>,
     events_rx: std::sync::mpsc::Receiver<VmEvent>,
+    /// Set when the guest asks for power-off or reset: no vCPU runs guest
+    /// code after that.
+    machine_off: Arc<AtomicBool>,
     msrs: Vec<u32>,
 }
 
@@ -724,6 +743,7 @@ impl Running {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 stop: stop.clone(),
+                machine_off: self.machine_off.clone(),
                 events: self.events_tx.clone(),
                 pauser: pauser.clone(),
                 save: save.clone(),
@@ -783,6 +803,11 @@ impl Running {
             .events_rx
             .recv()
             .unwrap_or_else(|_| VmEvent::Error("every vCPU thread ended".into()));
+        if matches!(event, VmEvent::PowerOff | VmEvent::Reset) {
+            // The machine is off: vCPUs still in KVM_RUN (another vCPU may
+            // still be running guest code) come out and hold.
+            gate.kick_all();
+        }
         let outcome = match (&event, checkpointer) {
             (VmEvent::PowerOff | VmEvent::Reset, Some(c)) => c
                 .discard()
