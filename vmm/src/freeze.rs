@@ -94,11 +94,17 @@ pub struct Freezer {
     pub devices: Quiesce,
     /// The page buffer of the last written epoch, reused.
     pub staging: Mutex<Vec<u8>>,
+    /// The buffer the stopped copy after a pre-copy fills, reused.
+    pub freeze_staging: Mutex<Vec<u8>>,
+    /// Copy the dirty pages once with the guest running before each
+    /// stop-and-copy freeze (see `freeze`); unused with `cow`.
+    pub precopy: bool,
     /// Copy-on-write capture of dirty pages; `None`: copy them while the
     /// vCPUs are stopped.
     pub cow: Option<Arc<Cow>>,
     /// Pages whose dirty bits were taken before a freeze (`Cow::
-    /// protect_early`) and that are not yet in an epoch: the next freeze's.
+    /// protect_early`, or the pre-copy) and that are not yet in an epoch:
+    /// the next freeze's.
     pub early: Mutex<Vec<u64>>,
 }
 
@@ -121,11 +127,40 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Freezer {
-    /// Protect early, stop, capture, protect the rest, resume, copy.
+    /// Protect early (or pre-copy), stop, capture, protect the rest (or
+    /// copy what the guest wrote since the pre-copy), resume, copy.
     /// `carry` names pages that must be in this epoch although they may not
     /// be dirty now (those of an epoch whose write failed: it may or may not
     /// have reached the store).
+    ///
+    /// The pre-copy takes the dirty bits and copies those pages while the
+    /// guest runs on, so that the vCPUs stop only for the pages written
+    /// during that copy. A page the guest writes after its bit was taken
+    /// (mid-copy, so its early copy may be torn) is dirty again, and the
+    /// stopped copy replaces its early one.
     pub fn freeze(&self, carry: &[u64]) -> Result<Frozen, FreezeError> {
+        let mut pre: Option<(Vec<u64>, Vec<u8>)> = None;
+        if self.cow.is_none() && self.precopy {
+            let t = Instant::now();
+            let mut early = lock(&self.early);
+            let mut gpas = self.dirty_gpas()?;
+            gpas.extend_from_slice(&early);
+            gpas.extend_from_slice(carry);
+            gpas.sort_unstable();
+            gpas.dedup();
+            // Taken, not yet in an epoch: kept for the next freeze should
+            // this one fail.
+            early.clone_from(&gpas);
+            drop(early);
+            let buf = std::mem::take(&mut *lock(&self.staging));
+            let data = copy_pages(&self.srcs(&gpas), buf);
+            log::debug!(
+                "freeze: {} pages pre-copied in {} µs",
+                gpas.len(),
+                t.elapsed().as_micros()
+            );
+            pre = Some((gpas, data));
+        }
         if let Some(cow) = &self.cow {
             // The bulk of the write protection, with the guest running.
             let mut early = lock(&self.early);
@@ -141,6 +176,8 @@ impl Freezer {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
+        // The pre-copy took `carry` already.
+        let carry = if pre.is_some() { &[] } else { carry };
         let mut t_parked = Duration::ZERO;
         let result = self
             .gate
@@ -152,11 +189,26 @@ impl Freezer {
             .and_then(|r| r);
         let freeze = start.elapsed();
         // On an error the early pages stay protected until written, as
-        // copied pages do, and stay in `early` for the next freeze.
-        let (gpas, pages, state, disk) = result?;
-        let data = match pages {
-            Pages::Copied(d) => d,
-            Pages::Protected(capture) => capture.drain(),
+        // copied pages do, and stay in `early` for the next freeze (as do
+        // pre-copied ones).
+        let (gpas, pages, state, disk) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some((_, data)) = pre {
+                    self.recycle(data);
+                }
+                return Err(e);
+            }
+        };
+        let (gpas, data) = match (pages, pre) {
+            (Pages::Copied(d), None) => (gpas, d),
+            (Pages::Copied(d), Some((pre_gpas, pre_data))) => {
+                let merged = merge_pages(pre_gpas, pre_data, &gpas, &d);
+                lock(&self.early).clear();
+                *lock(&self.freeze_staging) = d;
+                merged
+            }
+            (Pages::Protected(capture), _) => (gpas, capture.drain()),
         };
         log::debug!(
             "freeze: parked after {} µs, captured after {} µs, pages copied after {} µs{}",
@@ -254,7 +306,14 @@ impl Freezer {
                 let buf = std::mem::take(&mut *lock(&self.staging));
                 return Ok((gpas, Pages::Protected(cow.capture(&srcs, &fresh_srcs, buf))));
             }
-            None => Pages::Copied(self.copy_pages(&fresh_srcs)),
+            None => {
+                let buf = if self.precopy {
+                    std::mem::take(&mut *lock(&self.freeze_staging))
+                } else {
+                    std::mem::take(&mut *lock(&self.staging))
+                };
+                Pages::Copied(copy_pages(&fresh_srcs, buf))
+            }
         };
         Ok((fresh, pages))
     }
@@ -295,45 +354,6 @@ impl Freezer {
         Ok(gpas)
     }
 
-    /// Copy the pages at host addresses `srcs` into one buffer, with two
-    /// threads, reusing the buffer of an earlier epoch (no zeroing, no fresh
-    /// page faults).
-    fn copy_pages(&self, srcs: &[Option<usize>]) -> Vec<u8> {
-        let n = srcs.len();
-        let mut data = std::mem::take(&mut *lock(&self.staging));
-        data.clear();
-        data.reserve(n * PAGE);
-        let dst = data.as_mut_ptr() as usize;
-        let copy = |from: usize, to: usize| {
-            for (i, src) in srcs.iter().enumerate().take(to).skip(from) {
-                let d = (dst + i * PAGE) as *mut u8;
-                match src {
-                    // SAFETY: `d` is inside the buffer's reserved capacity
-                    // of `n * PAGE` bytes (i < n) and the two threads write
-                    // disjoint index ranges; the source is PAGE bytes of
-                    // live guest memory (host_ptr checked it) that no one
-                    // writes while vCPUs are parked and devices are locked.
-                    Some(p) => unsafe { std::ptr::copy_nonoverlapping(*p as *const u8, d, PAGE) },
-                    // SAFETY: as above for `d`.
-                    None => unsafe { std::ptr::write_bytes(d, 0, PAGE) },
-                }
-            }
-        };
-        let half = n / 2;
-        std::thread::scope(|s| {
-            if half > 256 {
-                s.spawn(|| copy(0, half));
-                copy(half, n);
-            } else {
-                copy(0, n);
-            }
-        });
-        // SAFETY: every byte of the first `n * PAGE` was written above and
-        // the capacity is at least that.
-        unsafe { data.set_len(n * PAGE) };
-        data
-    }
-
     /// Give a written epoch's page buffer back for the next freeze.
     pub fn recycle(&self, mut buf: Vec<u8>) {
         let mut spare = lock(&self.staging);
@@ -342,6 +362,76 @@ impl Freezer {
             *spare = buf;
         }
     }
+}
+
+/// Whether stop-and-copy freezes pre-copy: yes unless `EVM_FREEZE=stop`
+/// (a plain stop-and-copy, kept to measure against).
+pub fn precopy_wanted() -> bool {
+    !std::env::var("EVM_FREEZE").is_ok_and(|v| v == "stop")
+}
+
+/// Copy the pages at host addresses `srcs` into one buffer, with two
+/// threads, reusing `data`, a buffer of an earlier epoch (no zeroing, no
+/// fresh page faults).
+fn copy_pages(srcs: &[Option<usize>], mut data: Vec<u8>) -> Vec<u8> {
+    let n = srcs.len();
+    data.clear();
+    data.reserve(n * PAGE);
+    let dst = data.as_mut_ptr() as usize;
+    let copy = |from: usize, to: usize| {
+        for (i, src) in srcs.iter().enumerate().take(to).skip(from) {
+            let d = (dst + i * PAGE) as *mut u8;
+            match src {
+                // SAFETY: `d` is inside the buffer's reserved capacity of
+                // `n * PAGE` bytes (i < n) and the two threads write
+                // disjoint index ranges. The source is PAGE bytes of live
+                // guest memory (host_ptr checked it), mapped for the whole
+                // run and reached only through raw pointers. In a freeze no
+                // one writes it (vCPUs parked, devices locked); in a
+                // pre-copy the guest may, outside this program: a torn copy
+                // is then replaced by the stopped copy (see `freeze`).
+                Some(p) => unsafe { std::ptr::copy_nonoverlapping(*p as *const u8, d, PAGE) },
+                // SAFETY: as above for `d`.
+                None => unsafe { std::ptr::write_bytes(d, 0, PAGE) },
+            }
+        }
+    };
+    let half = n / 2;
+    std::thread::scope(|s| {
+        if half > 256 {
+            s.spawn(|| copy(0, half));
+            copy(half, n);
+        } else {
+            copy(0, n);
+        }
+    });
+    // SAFETY: every byte of the first `n * PAGE` was written above and the
+    // capacity is at least that.
+    unsafe { data.set_len(n * PAGE) };
+    data
+}
+
+/// The pre-copied pages (`pre_gpas` ascending, `pre_data` in that order)
+/// with the pages copied in the freeze laid over them: a page in both takes
+/// its frozen copy; the others follow the pre-copied ones.
+fn merge_pages(
+    mut pre_gpas: Vec<u64>,
+    mut pre_data: Vec<u8>,
+    gpas: &[u64],
+    data: &[u8],
+) -> (Vec<u64>, Vec<u8>) {
+    let sorted = pre_gpas.len();
+    for (i, g) in gpas.iter().enumerate() {
+        let page = &data[i * PAGE..(i + 1) * PAGE];
+        match pre_gpas[..sorted].binary_search(g) {
+            Ok(j) => pre_data[j * PAGE..(j + 1) * PAGE].copy_from_slice(page),
+            Err(_) => {
+                pre_gpas.push(*g);
+                pre_data.extend_from_slice(page);
+            }
+        }
+    }
+    (pre_gpas, pre_data)
 }
 
 /// Where the page at `gpa` lives in the store's flat memory image.
@@ -374,4 +464,41 @@ fn encode_devices(d: &DeviceStates) -> Vec<u8> {
 /// Decode the device blob of a machine state.
 pub fn decode_devices(b: &[u8]) -> Result<DeviceStates, serde_json::Error> {
     serde_json::from_slice(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; PAGE]
+    }
+
+    /// A page in both sets takes its frozen copy; a page only in the freeze
+    /// is added once; the pre-copied rest is kept.
+    #[test]
+    fn frozen_copies_replace_pre_copied_ones() {
+        let pre_gpas = vec![0x1000, 0x3000, 0x8000];
+        let pre_data = [page(1), page(3), page(8)].concat();
+        let gpas = [0x2000, 0x3000, 0x9000];
+        let data = [page(0x22), page(0x33), page(0x99)].concat();
+        let (g, d) = merge_pages(pre_gpas, pre_data, &gpas, &data);
+        assert_eq!(g, vec![0x1000, 0x3000, 0x8000, 0x2000, 0x9000]);
+        let fills: Vec<u8> = d.chunks(PAGE).map(|p| p[0]).collect();
+        assert_eq!(fills, vec![1, 0x33, 8, 0x22, 0x99]);
+        assert!(d.chunks(PAGE).all(|p| p.iter().all(|b| *b == p[0])));
+    }
+
+    #[test]
+    fn copies_pages_and_zero_fills_holes() {
+        let src: Vec<Vec<u8>> = (0..600).map(|i| page(i as u8)).collect();
+        let mut srcs: Vec<Option<usize>> = src.iter().map(|p| Some(p.as_ptr() as usize)).collect();
+        srcs[5] = None;
+        let out = copy_pages(&srcs, vec![0xff; 3]);
+        assert_eq!(out.len(), 600 * PAGE);
+        for (i, p) in out.chunks(PAGE).enumerate() {
+            let want = if i == 5 { 0 } else { i as u8 };
+            assert!(p.iter().all(|b| *b == want), "page {i}");
+        }
+    }
 }

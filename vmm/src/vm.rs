@@ -773,6 +773,8 @@ impl Running {
                         gate: gate.clone(),
                         devices: self.quiesce.clone(),
                         staging: Mutex::new(Vec::new()),
+                        freeze_staging: Mutex::new(Vec::new()),
+                        precopy: crate::freeze::precopy_wanted(),
                         cow: cow.clone(),
                         early: Mutex::new(Vec::new()),
                     },
