@@ -231,8 +231,13 @@ fn ext4_appends_survive_seeded_power_cuts_and_export_clean() {
     commits.extend(run.commits().iter().map(|c| c.2.epoch));
     commits.sort_unstable();
     commits.dedup();
-    run.run_cmd("kill $(cat /run/loop.pid); sleep 1; umount /mnt", CMD)
-        .unwrap_or_else(fail);
+    // A `dd` the loop had started runs on (its fsync) after the loop is
+    // killed, holding /mnt busy: wait for it (seen once in CI).
+    run.run_cmd(
+        "kill $(cat /run/loop.pid); while pidof dd >/dev/null; do sleep 0.2; done; umount /mnt",
+        CMD,
+    )
+    .unwrap_or_else(fail);
     run.signal(libc::SIGTERM).unwrap_or_else(fail);
     let st = run.wait_exit(EXIT).unwrap_or_else(fail);
     assert_eq!(
