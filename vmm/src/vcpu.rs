@@ -363,6 +363,17 @@ fn hold_until_stop<T>(
 mod tests {
     use super::*;
 
+    /// `rounds` freezes in a row, each collecting all `n` vCPUs' states.
+    fn freeze_rounds(pauser: &Pauser<usize>, n: usize, rounds: usize) {
+        for round in 0..rounds {
+            pauser.request();
+            let mut ids = pauser.wait_parked().expect("no vCPU ended");
+            ids.sort_unstable();
+            assert_eq!(ids, (0..n).collect::<Vec<_>>(), "round {round}");
+            pauser.release();
+        }
+    }
+
     /// Back-to-back freezes must each collect every vCPU's state, even when
     /// a parked thread is slow to wake (the race a kill test found: a vCPU
     /// still counted as parked from the last freeze, its state already taken).
@@ -385,14 +396,7 @@ mod tests {
                 })
             })
             .collect();
-        for round in 0..2000 {
-            pauser.request();
-            let saved = pauser.wait_parked().expect("no vCPU ended");
-            let mut ids = saved.clone();
-            ids.sort_unstable();
-            assert_eq!(ids, (0..n).collect::<Vec<_>>(), "round {round}");
-            pauser.release();
-        }
+        freeze_rounds(&pauser, n, 2000);
         stop.store(true, Ordering::Release);
         for t in threads {
             t.join().unwrap();
@@ -433,14 +437,7 @@ mod tests {
                 })
             })
             .collect();
-        for round in 0..200 {
-            pauser.request();
-            let saved = pauser.wait_parked().expect("no vCPU ended");
-            let mut ids = saved.clone();
-            ids.sort_unstable();
-            assert_eq!(ids, (0..n).collect::<Vec<_>>(), "round {round}");
-            pauser.release();
-        }
+        freeze_rounds(&pauser, n, 200);
         stop.store(true, Ordering::Release);
         for t in threads {
             t.join().unwrap();
