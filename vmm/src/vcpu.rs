@@ -363,6 +363,16 @@ fn hold_until_stop<T>(
 mod tests {
     use super::*;
 
+    /// A vCPU thread's loop, minus KVM_RUN: park when asked, until `stop`.
+    fn run_until_stop(p: &Pauser<usize>, stop: &AtomicBool, i: usize) {
+        while !stop.load(Ordering::Acquire) {
+            if p.pause_requested() {
+                p.park(i, i);
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// `rounds` freezes in a row, each collecting all `n` vCPUs' states.
     fn freeze_rounds(pauser: &Pauser<usize>, n: usize, rounds: usize) {
         for round in 0..rounds {
@@ -386,12 +396,7 @@ mod tests {
             .map(|i| {
                 let (p, s) = (pauser.clone(), stop.clone());
                 std::thread::spawn(move || {
-                    while !s.load(Ordering::Acquire) {
-                        if p.pause_requested() {
-                            p.park(i, i);
-                        }
-                        std::thread::yield_now();
-                    }
+                    run_until_stop(&p, &s, i);
                     p.finish();
                 })
             })
@@ -419,12 +424,7 @@ mod tests {
                 std::thread::spawn(move || {
                     if i == 0 {
                         // Still running guest code, as a vCPU not yet kicked.
-                        while !s.load(Ordering::Acquire) {
-                            if p.pause_requested() {
-                                p.park(i, i);
-                            }
-                            std::thread::yield_now();
-                        }
+                        run_until_stop(&p, &s, i);
                     } else {
                         let mut saves = 0;
                         hold_until_stop(&p, &s, i, || {
