@@ -363,6 +363,28 @@ fn hold_until_stop<T>(
 mod tests {
     use super::*;
 
+    type Threads = Vec<std::thread::JoinHandle<()>>;
+
+    /// `n` threads standing in for vCPU threads: each runs `body(index,
+    /// pauser, stop)`, then counts itself finished.
+    fn spawn_vcpus(
+        n: usize,
+        body: fn(usize, &Pauser<usize>, &AtomicBool),
+    ) -> (Arc<Pauser<usize>>, Arc<AtomicBool>, Threads) {
+        let pauser = Arc::new(Pauser::<usize>::new(n));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|i| {
+                let (p, s) = (pauser.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    body(i, &p, &s);
+                    p.finish();
+                })
+            })
+            .collect();
+        (pauser, stop, threads)
+    }
+
     /// A vCPU thread's loop, minus KVM_RUN: park when asked, until `stop`.
     fn run_until_stop(p: &Pauser<usize>, stop: &AtomicBool, i: usize) {
         while !stop.load(Ordering::Acquire) {
@@ -390,17 +412,7 @@ mod tests {
     #[test]
     fn back_to_back_freezes_collect_every_vcpu() {
         let n = 3;
-        let pauser = Arc::new(Pauser::<usize>::new(n));
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = (0..n)
-            .map(|i| {
-                let (p, s) = (pauser.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    run_until_stop(&p, &s, i);
-                    p.finish();
-                })
-            })
-            .collect();
+        let (pauser, stop, threads) = spawn_vcpus(n, |i, p, s| run_until_stop(p, s, i));
         freeze_rounds(&pauser, n, 2000);
         stop.store(true, Ordering::Release);
         for t in threads {
@@ -416,27 +428,19 @@ mod tests {
     #[test]
     fn holding_vcpus_park_for_freezes_and_end_at_stop() {
         let n = 3;
-        let pauser = Arc::new(Pauser::<usize>::new(n));
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = (0..n)
-            .map(|i| {
-                let (p, s) = (pauser.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    if i == 0 {
-                        // Still running guest code, as a vCPU not yet kicked.
-                        run_until_stop(&p, &s, i);
-                    } else {
-                        let mut saves = 0;
-                        hold_until_stop(&p, &s, i, || {
-                            saves += 1;
-                            i
-                        });
-                        assert!(saves >= 200, "vcpu{i} saved {saves} times");
-                    }
-                    p.finish();
-                })
-            })
-            .collect();
+        let (pauser, stop, threads) = spawn_vcpus(n, |i, p, s| {
+            if i == 0 {
+                // Still running guest code, as a vCPU not yet kicked.
+                run_until_stop(p, s, i);
+            } else {
+                let mut saves = 0;
+                hold_until_stop(p, s, i, || {
+                    saves += 1;
+                    i
+                });
+                assert!(saves >= 200, "vcpu{i} saved {saves} times");
+            }
+        });
         freeze_rounds(&pauser, n, 200);
         stop.store(true, Ordering::Release);
         for t in threads {
