@@ -584,6 +584,7 @@ class Attempt:
         QEMU is and what L1's CPUs are doing (QEMU's monitor)."""
         time.sleep(6)
         if self.info_lines > info_before:
+            self._sample_cpus()
             return
         say("L1 did not answer the dump request within 6 s")
         try:
@@ -617,6 +618,27 @@ class Attempt:
                     if line.strip():
                         say(f"L1 monitor: {line.strip()}")
             say_symbols(regs + again)
+
+    def _sample_cpus(self, samples: int = 5) -> None:
+        """Where the test host's CPUs are, sampled a few times. While a CPU
+        runs a nested guest, QEMU's monitor shows that guest's (L2's)
+        registers, so a guest spinning after a resume shows up here even
+        when L1 answers: a RIP in L2's kernel (nokaslr: the same addresses
+        as L1's), CR3 that of the guest."""
+        if self.mon is None:
+            return
+        try:
+            seen = ""
+            for n in range(samples):
+                out = monitor(self.mon, "info registers -a")
+                seen += out
+                for line in out.splitlines():
+                    if line.startswith(("CPU#", "RIP=", "CR0=")):
+                        say(f"CPU sample {n + 1}: {line.rstrip()}")
+                time.sleep(0.3)
+            say_symbols(seen)
+        except Exception as e:  # diagnostics only: never fail the run
+            say(f"CPU samples failed: {e}")
 
     # ---- threads -----------------------------------------------------
     def _pump(self, sock: socket.socket, fd: int) -> None:
