@@ -123,6 +123,8 @@ struct Tally {
     /// Freezes that write-protected pages instead of copying them (evm's
     /// debug line "… write-protected now …").
     cow_freezes: u64,
+    /// Freezes after a pre-copy (debug line "… pages pre-copied …").
+    precopy_freezes: u64,
     epochs: u64,
     max_freeze_us: u64,
     /// The longest freeze of a run's first epoch (after boot or resume).
@@ -327,6 +329,9 @@ impl Chain<'_> {
             if l.text.contains("write-protected now") {
                 self.tally.cow_freezes += 1;
             }
+            if l.text.contains("pages pre-copied") {
+                self.tally.precopy_freezes += 1;
+            }
         }
         if let Some(at) = killed_at {
             self.tally.kills += 1;
@@ -503,7 +508,7 @@ impl Chain<'_> {
 
 #[test]
 fn sigkill_at_random_instants_resumes_a_committed_epoch() {
-    kill_chains(ENV, 125, false);
+    kill_chains(ENV, 125, Freeze::Stop);
 }
 
 /// The same with the copy-on-write freeze (`EVM_FREEZE=cow`, opt-in):
@@ -513,13 +518,38 @@ fn sigkill_at_random_instants_resumes_a_committed_epoch() {
 /// both tests' count.
 #[test]
 fn sigkill_with_the_copy_on_write_freeze_resumes_a_committed_epoch() {
-    kill_chains(&[("EVM_LOG", "debug"), ("EVM_FREEZE", "cow")], 30, true);
+    kill_chains(
+        &[("EVM_LOG", "debug"), ("EVM_FREEZE", "cow")],
+        30,
+        Freeze::Cow,
+    );
+}
+
+/// The same with the pre-copy freeze (`EVM_FREEZE=precopy`, opt-in): pages
+/// are copied with the guest running before the freeze, and those it
+/// writes meanwhile again in the freeze, so an early, torn copy must never
+/// reach an epoch.
+#[test]
+fn sigkill_with_the_pre_copy_freeze_resumes_a_committed_epoch() {
+    kill_chains(
+        &[("EVM_LOG", "debug"), ("EVM_FREEZE", "precopy")],
+        30,
+        Freeze::Precopy,
+    );
+}
+
+/// The freeze a chain's evm runs must use (told by its debug lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freeze {
+    Stop,
+    Precopy,
+    Cow,
 }
 
 /// Four seeded chains of `cycles` kills each (two at a time), with `env`
 /// set for every evm run; panics with the first failure of each chain.
-/// `cow`: whether the freezes must be copy-on-write ones.
-fn kill_chains(env: &[(&str, &str)], cycles: u64, cow: bool) {
+/// `freeze`: the freeze the runs must have used.
+fn kill_chains(env: &[(&str, &str)], cycles: u64, freeze: Freeze) {
     require_kvm();
     let seed = seed_from_env("EVM_KILL_SEED", DEFAULT_SEED);
     let cycles = number_from_env("EVM_KILL_CYCLES", cycles);
@@ -624,12 +654,11 @@ fn kill_chains(env: &[(&str, &str)], cycles: u64, cow: bool) {
         sum(|t| t.fallbacks)
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    let cow_freezes = sum(|t| t.cow_freezes);
+    let (cow_freezes, precopy_freezes) = (sum(|t| t.cow_freezes), sum(|t| t.precopy_freezes));
     assert_eq!(
-        cow_freezes > 0,
-        cow,
-        "{cow_freezes} copy-on-write freezes, expected {}",
-        if cow { "some" } else { "none" }
+        (cow_freezes > 0, precopy_freezes > 0),
+        (freeze == Freeze::Cow, freeze == Freeze::Precopy),
+        "{cow_freezes} copy-on-write and {precopy_freezes} pre-copy freezes with {freeze:?}"
     );
     let want = PROFILES.len() as u64 * cycles;
     assert!(kills >= want, "only {kills} kill points, want {want}");

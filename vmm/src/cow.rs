@@ -550,16 +550,13 @@ impl Capture {
     }
 }
 
-/// The freeze's copy-on-write capture for `mem` if `EVM_FREEZE=cow` asks
-/// for it (and the kernel allows it; else evm says so once and copies).
+/// The freeze's copy-on-write capture for `mem` (`EVM_FREEZE=cow`), if
+/// the kernel allows it; else evm says so once and copies.
 /// Not the default yet: in its first CI run with it on, a real Linux guest
 /// of the power-cut chain triple-faulted 2.5 s after a resume (cut 9 of 15),
 /// which stop-and-copy has never shown; until that is explained the freeze
 /// copies while the vCPUs are stopped.
 pub fn for_freeze(mem: &GuestMem) -> Option<Arc<Cow>> {
-    if !std::env::var("EVM_FREEZE").is_ok_and(|v| v == "cow") {
-        return None;
-    }
     log::info!("EVM_FREEZE=cow: dirty pages are write-protected in the freeze and copied after it");
     match Cow::new(mem) {
         Ok(c) => Some(c),

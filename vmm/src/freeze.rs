@@ -97,7 +97,7 @@ pub struct Freezer {
     /// The buffer the stopped copy after a pre-copy fills, reused.
     pub freeze_staging: Mutex<Vec<u8>>,
     /// Copy the dirty pages once with the guest running before each
-    /// stop-and-copy freeze (see `freeze`; `EVM_FREEZE=precopy`); unused
+    /// stop-and-copy freeze (see `freeze`; `FreezeMode::Precopy`); unused
     /// with `cow`.
     pub precopy: bool,
     /// Copy-on-write capture of dirty pages; `None`: copy them while the
@@ -365,15 +365,45 @@ impl Freezer {
     }
 }
 
-/// Whether stop-and-copy freezes pre-copy: only with `EVM_FREEZE=precopy`.
-/// Not the default: in its first CI run a real Linux guest (1 vCPU, still
-/// booting) triple-faulted about 1 s after a pre-copied freeze, which a
-/// plain stop-and-copy has never shown. It shares one thing with the
-/// copy-on-write freeze, which showed a triple fault too: both take
-/// `KVM_GET_DIRTY_LOG` (KVM write-protects the pages and flushes TLBs)
-/// while the vCPUs run; stop-and-copy takes it only with them parked.
-pub fn precopy_wanted() -> bool {
-    std::env::var("EVM_FREEZE").is_ok_and(|v| v == "precopy")
+/// How the freeze takes the dirty pages, as `EVM_FREEZE` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreezeMode {
+    /// Copy them while the vCPUs are stopped (the default; `stop`).
+    Stop,
+    /// Copy them with the guest running first, then, stopped, only those
+    /// written meanwhile (`precopy`, experimental). Not the default: in its
+    /// first CI run a real Linux guest (1 vCPU, still booting)
+    /// triple-faulted about 1 s after a pre-copied freeze, which a plain
+    /// stop-and-copy has never shown. It shares one thing with `cow`, which
+    /// showed a triple fault too: both take `KVM_GET_DIRTY_LOG` (KVM
+    /// write-protects the pages and flushes TLBs) while the vCPUs run;
+    /// stop-and-copy takes it only with them parked.
+    Precopy,
+    /// Write-protect them in the freeze and copy them after it (`cow`,
+    /// experimental; see `cow.rs`).
+    Cow,
+}
+
+impl FreezeMode {
+    /// The mode a value of `EVM_FREEZE` names (unset: `Stop`).
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value {
+            None | Some("") | Some("stop") => Ok(Self::Stop),
+            Some("precopy") => Ok(Self::Precopy),
+            Some("cow") => Ok(Self::Cow),
+            Some(other) => Err(format!("EVM_FREEZE={other}: not stop, precopy or cow")),
+        }
+    }
+
+    /// The mode `EVM_FREEZE` names; an unknown value is said loudly and
+    /// falls back to stop-and-copy.
+    pub fn from_env() -> Self {
+        let value = std::env::var("EVM_FREEZE").ok();
+        Self::parse(value.as_deref()).unwrap_or_else(|e| {
+            log::warn!("{e}; the freeze copies while the vCPUs are stopped");
+            Self::Stop
+        })
+    }
 }
 
 /// Copy the pages at host addresses `srcs` into one buffer, with two
@@ -493,6 +523,16 @@ mod tests {
         let fills: Vec<u8> = d.chunks(PAGE).map(|p| p[0]).collect();
         assert_eq!(fills, vec![1, 0x33, 8, 0x22, 0x99]);
         assert!(d.chunks(PAGE).all(|p| p.iter().all(|b| *b == p[0])));
+    }
+
+    #[test]
+    fn freeze_modes_parse() {
+        assert_eq!(FreezeMode::parse(None), Ok(FreezeMode::Stop));
+        assert_eq!(FreezeMode::parse(Some("stop")), Ok(FreezeMode::Stop));
+        assert_eq!(FreezeMode::parse(Some("precopy")), Ok(FreezeMode::Precopy));
+        assert_eq!(FreezeMode::parse(Some("cow")), Ok(FreezeMode::Cow));
+        let e = FreezeMode::parse(Some("pre-copy")).unwrap_err();
+        assert!(e.contains("EVM_FREEZE=pre-copy"), "{e}");
     }
 
     #[test]

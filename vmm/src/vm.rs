@@ -761,8 +761,10 @@ impl Running {
             vcpu_count,
             rt.mem_bytes,
         ));
+        let mode = crate::freeze::FreezeMode::from_env();
         let cow = store
             .as_ref()
+            .filter(|_| mode == crate::freeze::FreezeMode::Cow)
             .and_then(|_| crate::cow::for_freeze(&self.mem));
         let checkpointer = match store {
             Some(store) => Some(
@@ -774,7 +776,7 @@ impl Running {
                         devices: self.quiesce.clone(),
                         staging: Mutex::new(Vec::new()),
                         freeze_staging: Mutex::new(Vec::new()),
-                        precopy: crate::freeze::precopy_wanted(),
+                        precopy: mode == crate::freeze::FreezeMode::Precopy,
                         cow: cow.clone(),
                         early: Mutex::new(Vec::new()),
                     },
