@@ -508,7 +508,7 @@ impl Chain<'_> {
 
 #[test]
 fn sigkill_at_random_instants_resumes_a_committed_epoch() {
-    kill_chains(ENV, 125, Freeze::Stop);
+    kill_chains(ENV, 125, Freeze::Precopy);
 }
 
 /// The same with the copy-on-write freeze (`EVM_FREEZE=cow`, opt-in):
@@ -525,16 +525,14 @@ fn sigkill_with_the_copy_on_write_freeze_resumes_a_committed_epoch() {
     );
 }
 
-/// The same with the pre-copy freeze (`EVM_FREEZE=precopy`, opt-in): pages
-/// are copied with the guest running before the freeze, and those it
-/// writes meanwhile again in the freeze, so an early, torn copy must never
-/// reach an epoch.
+/// The same with the plain stop-and-copy freeze (`EVM_FREEZE=stop`): every
+/// dirty page is copied while the vCPUs are stopped, with no pre-copy.
 #[test]
-fn sigkill_with_the_pre_copy_freeze_resumes_a_committed_epoch() {
+fn sigkill_with_the_stop_and_copy_freeze_resumes_a_committed_epoch() {
     kill_chains(
-        &[("EVM_LOG", "debug"), ("EVM_FREEZE", "precopy")],
+        &[("EVM_LOG", "debug"), ("EVM_FREEZE", "stop")],
         30,
-        Freeze::Precopy,
+        Freeze::Stop,
     );
 }
 

@@ -60,6 +60,22 @@ impl Gate {
         Ok(r)
     }
 
+    /// Run `f` with every vCPU stopped but without saving their states: a
+    /// brief stop, for what must not happen under a running vCPU (reading
+    /// KVM's dirty log, see `freeze`).
+    pub fn with_stopped<R>(&self, f: impl FnOnce() -> R) -> Result<R, MachineEnding> {
+        let held = lock(&self.held);
+        if held.is_some() {
+            return Ok(f());
+        }
+        self.pauser.request_with(false);
+        self.kick_all();
+        self.pauser.wait_parked()?;
+        let r = f();
+        self.pauser.release();
+        Ok(r)
+    }
+
     /// Park every vCPU until `resume`. `Ok(false)`: it was already paused.
     pub fn pause(&self) -> Result<bool, MachineEnding> {
         let mut held = lock(&self.held);

@@ -75,6 +75,8 @@ pub struct Pauser<T> {
 #[derive(Debug)]
 struct PauseState<T> {
     pause: bool,
+    /// Whether parking vCPUs save their state (`false`: a brief stop).
+    save: bool,
     parked: usize,
     finished: usize,
     saved: Vec<Option<T>>,
@@ -91,6 +93,7 @@ impl<T> Pauser<T> {
         Self {
             inner: Mutex::new(PauseState {
                 pause: false,
+                save: true,
                 parked: 0,
                 finished: 0,
                 saved: (0..count).map(|_| None).collect(),
@@ -109,11 +112,18 @@ impl<T> Pauser<T> {
     /// it still counted as parked, with its saved state already taken, and
     /// a freeze would return one state too few.
     pub fn request(&self) {
+        self.request_with(true);
+    }
+
+    /// Ask every vCPU to park, saving its state or (`save` false, a brief
+    /// stop) not: `wait_parked` then returns no states.
+    pub fn request_with(&self, save: bool) {
         let mut g = self.lock();
         while g.parked > 0 {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g.pause = true;
+        g.save = save;
         // Wakes vCPUs that hold (`wait_request`) rather than run.
         self.cv.notify_all();
     }
@@ -154,12 +164,28 @@ impl<T> Pauser<T> {
         self.lock().pause
     }
 
-    fn park(&self, index: usize, saved: T) {
+    /// Park until released, leaving `save()`'s result unless the request
+    /// is a brief stop. The vCPUs save in parallel, outside the lock.
+    fn park(&self, index: usize, mut save: impl FnMut() -> T) {
+        let want = {
+            let g = self.lock();
+            if !g.pause {
+                return;
+            }
+            g.save
+        };
+        let mut saved = want.then(&mut save);
         let mut g = self.lock();
         if !g.pause {
             return;
         }
-        g.saved[index] = Some(saved);
+        if g.save {
+            // Saved above unless the request changed meanwhile.
+            g.saved[index] = Some(match saved.take() {
+                Some(s) => s,
+                None => save(),
+            });
+        }
         g.parked += 1;
         self.cv.notify_all();
         while g.pause {
@@ -313,8 +339,7 @@ fn run_loop<T>(index: u8, vcpu: &mut VcpuFd, ctx: &VcpuContext<T>) -> Option<VmE
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
                 if ctx.pauser.pause_requested() {
-                    let saved = (ctx.save)(vcpu);
-                    ctx.pauser.park(index as usize, saved);
+                    ctx.pauser.park(index as usize, || (ctx.save)(vcpu));
                 }
             }
             Err(e) => {
@@ -351,7 +376,7 @@ fn hold_until_stop<T>(
 ) {
     while !stop.load(Ordering::Acquire) {
         if pauser.pause_requested() {
-            pauser.park(index, save());
+            pauser.park(index, &mut save);
         } else {
             // `stop` comes without a notification: look again soon.
             pauser.wait_request(std::time::Duration::from_millis(20));
@@ -389,7 +414,7 @@ mod tests {
     fn run_until_stop(p: &Pauser<usize>, stop: &AtomicBool, i: usize) {
         while !stop.load(Ordering::Acquire) {
             if p.pause_requested() {
-                p.park(i, i);
+                p.park(i, || i);
             }
             std::thread::yield_now();
         }
@@ -420,6 +445,37 @@ mod tests {
         }
         pauser.request();
         assert_eq!(pauser.wait_parked(), Err(MachineEnding));
+    }
+
+    /// A brief stop (`request_with(false)`) parks every vCPU but has none
+    /// save its state; the full freezes between brief stops still collect
+    /// every vCPU's.
+    #[test]
+    fn brief_stops_save_no_state() {
+        static SAVES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let (n, rounds) = (3, 500);
+        let (pauser, stop, threads) = spawn_vcpus(n, |i, p, s| {
+            while !s.load(Ordering::Acquire) {
+                if p.pause_requested() {
+                    p.park(i, || {
+                        SAVES.fetch_add(1, Ordering::Relaxed);
+                        i
+                    });
+                }
+                std::thread::yield_now();
+            }
+        });
+        for round in 0..rounds {
+            pauser.request_with(false);
+            assert_eq!(pauser.wait_parked(), Ok(vec![]), "round {round}");
+            pauser.release();
+            freeze_rounds(&pauser, n, 1);
+        }
+        stop.store(true, Ordering::Release);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(SAVES.load(Ordering::Relaxed), n * rounds);
     }
 
     /// vCPUs holding after a power-off still park for every freeze (the
