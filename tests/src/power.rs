@@ -100,8 +100,9 @@ pub fn resume(name: &str, store: &Path, last: u64, id: &str) -> StoreRun {
 }
 
 /// What the store says of a guest that does not answer after resuming from
-/// `epoch`: `evm inspect` of that epoch and of the newest (vCPU mode, RIP,
-/// RSP, CR3, RFLAGS), to tell a wedged guest kernel from a stopped device,
+/// `epoch`: `evm inspect` of that epoch and of the newest (vCPU mode,
+/// registers, pending events, the code at RIP and the words at RSP), to
+/// tell a wedged guest kernel from a stopped device,
 /// and the kernel functions at those RIPs (`scripts/symbolize`). L1's side
 /// is printed before this, by the timed-out wait (`StoreRun::dump_threads`:
 /// evm's threads in L1, or L1's registers if L1 itself is stuck).
@@ -130,12 +131,24 @@ pub fn stuck_report(store: &Path, epoch: u64) -> String {
     out
 }
 
-/// `scripts/symbolize` of the kernel addresses in `evm inspect`'s text (a
-/// guest booted with [`CMDLINE`] has no KASLR), or how to get the symbols.
+/// `scripts/symbolize` of the kernel addresses in `evm inspect`'s text: the
+/// RIPs and the words at RSP (return addresses among them; a guest booted
+/// with [`CMDLINE`] has no KASLR), or how to get the symbols.
 fn symbolize(inspect: &str) -> String {
     let mut rips: Vec<&str> = inspect
         .lines()
-        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "RIP").nth(1))
+        .flat_map(|l| {
+            let words = l.split_whitespace();
+            if l.trim_start().starts_with("stack at RSP:") {
+                words.skip(3).collect::<Vec<_>>()
+            } else {
+                words
+                    .skip_while(|w| *w != "RIP")
+                    .nth(1)
+                    .into_iter()
+                    .collect()
+            }
+        })
         .filter(|a| a.starts_with("0xffffffff"))
         .collect();
     rips.sort_unstable();

@@ -1,5 +1,6 @@
 //! `evm inspect` and `evm verify` (issue 5). Inspect: what a store holds as of one committed epoch —
-//! the VM configuration, each vCPU's mode and key registers, the devices in
+//! the VM configuration, each vCPU's mode, registers, pending events, the
+//! code at its RIP and the words at its RSP (`pagewalk`), the devices in
 //! brief, memory and disk figures — or, with `--page GPA`, a hex dump of
 //! one guest page as of that epoch. Read-only and unlocked, like the other
 //! offline commands (`tools`).
@@ -96,6 +97,71 @@ fn mp_state(v: &VcpuState) -> String {
     }
 }
 
+/// The vCPU's pending or injected exception, interrupt and NMI, and its
+/// interrupt shadow (what `KVM_GET_VCPU_EVENTS` reported), or "none".
+fn events(v: &VcpuState) -> String {
+    let e = &v.vcpu_events;
+    let mut parts = Vec::new();
+    let ex = &e.exception;
+    if ex.injected != 0 || ex.pending != 0 {
+        let how = if ex.injected != 0 {
+            "injected"
+        } else {
+            "pending"
+        };
+        let code = if ex.has_error_code != 0 {
+            format!(" (error code {:#x})", ex.error_code)
+        } else {
+            String::new()
+        };
+        parts.push(format!("exception {} {how}{code}", ex.nr));
+    }
+    if e.exception_has_payload != 0 {
+        parts.push(format!("exception payload {:#x}", e.exception_payload));
+    }
+    if e.interrupt.injected != 0 {
+        let soft = if e.interrupt.soft != 0 { " (soft)" } else { "" };
+        parts.push(format!("interrupt {:#x} injected{soft}", e.interrupt.nr));
+    }
+    if e.interrupt.shadow != 0 {
+        parts.push(format!("interrupt shadow {:#x}", e.interrupt.shadow));
+    }
+    if e.nmi.injected != 0 {
+        parts.push("NMI injected".into());
+    }
+    if e.nmi.pending != 0 {
+        parts.push("NMI pending".into());
+    }
+    if e.nmi.masked != 0 {
+        parts.push("NMIs masked".into());
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn hex_bytes(b: &[u8]) -> String {
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Little-endian 8-byte words.
+fn hex_words(b: &[u8]) -> String {
+    b.chunks_exact(8)
+        .map(|w| {
+            format!(
+                "{:#018x}",
+                u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn virtio_kind(t: u32) -> String {
     match t {
         2 => "virtio-blk".into(),
@@ -186,9 +252,41 @@ pub fn inspect(path: &Path, epoch: Option<u64>, page: Option<u64>) -> Result<(),
         );
         let _ = writeln!(
             out,
-            "    CR0 {:#x}  CR3 {:#x}  CR4 {:#x}  EFER {:#x}  CS {:#x}",
-            s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector
+            "    CR0 {:#x}  CR2 {:#x}  CR3 {:#x}  CR4 {:#x}  EFER {:#x}  CS {:#x}",
+            s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
         );
+        let _ = writeln!(
+            out,
+            "    RAX {:#x}  RBX {:#x}  RCX {:#x}  RDX {:#x}  RSI {:#x}  RDI {:#x}  RBP {:#x}",
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+        );
+        let _ = writeln!(
+            out,
+            "    R8 {:#x}  R9 {:#x}  R10 {:#x}  R11 {:#x}  R12 {:#x}  R13 {:#x}  R14 {:#x}  R15 {:#x}",
+            r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+        );
+        let _ = writeln!(out, "    events: {}", events(v));
+        if mode(v) == "64-bit long mode" {
+            let read_page = |gpa: u64| {
+                let off = flat_offset(gpa, config.mem_bytes)?;
+                let mut page = [0u8; PAGE as usize];
+                store.read_page(epoch, off, &mut page).ok()?;
+                Some(page)
+            };
+            let at = |va: u64, len: usize| {
+                crate::pagewalk::read_virtual(read_page, s.cr3, s.cr4, va, len)
+            };
+            let _ = writeln!(
+                out,
+                "    code at RIP: {}",
+                at(r.rip, 16).map_or("(not mapped)".into(), |b| hex_bytes(&b))
+            );
+            let _ = writeln!(
+                out,
+                "    stack at RSP: {}",
+                at(r.rsp, 64).map_or("(not mapped)".into(), |b| hex_words(&b))
+            );
+        }
     }
     let _ = writeln!(out, "devices");
     match crate::freeze::decode_devices(&state.devices) {

@@ -17,6 +17,7 @@ pub mod host;
 pub mod inspect;
 pub mod logger;
 pub mod memory;
+pub mod pagewalk;
 pub mod persist;
 pub mod signals;
 pub mod state;
