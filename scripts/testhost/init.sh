@@ -134,6 +134,10 @@ dump_cmd() {
         sed 's/^/EVM-TH INFO     /' "$t/stack" 2>/dev/null
     done
     dmesg | tail -n 15 | sed 's/^/EVM-TH INFO dmesg /'
+    # Where L1's KVM modules are (nokaslr: the same on every boot), to name
+    # RIPs in the module area (ffffffffc...), L1's own or leaked into a
+    # nested guest's saved state.
+    grep '^kvm' /proc/modules | sed 's/^/EVM-TH INFO module /'
 }
 
 # Control lines from the host: "SIG TERM" and the like, forwarded to the

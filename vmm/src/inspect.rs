@@ -286,6 +286,14 @@ pub fn inspect(path: &Path, epoch: Option<u64>, page: Option<u64>) -> Result<(),
                 "    stack at RSP: {}",
                 at(r.rsp, 64).map_or("(not mapped)".into(), |b| hex_words(&b))
             );
+            if flat_offset(s.cr3 & !0xfff, config.mem_bytes).is_none() {
+                // Seen in the nested test host: a guest saved with the
+                // registers of the host kernel's VMRUN (issue 4's notes).
+                let _ = writeln!(
+                    out,
+                    "    CR3 is outside guest RAM: this vCPU cannot run these page tables"
+                );
+            }
         }
     }
     let _ = writeln!(out, "devices");
