@@ -108,3 +108,57 @@ impl Gate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// `with_stopped` runs its closure only once every vCPU is parked, and
+    /// they run again after it: threads standing in for vCPUs (kicked with
+    /// the real signal) tick while they run, and no tick lands while the
+    /// closure runs. (Without the wait for every vCPU to park, ticks land.)
+    #[test]
+    fn a_brief_stop_runs_with_every_vcpu_parked() {
+        crate::vcpu::install_kick_handler().expect("kick handler");
+        let n = 2;
+        let pauser = Arc::new(Pauser::<ParkedState>::new(n));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticks = Arc::new(AtomicU64::new(0));
+        let threads = (0..n)
+            .map(|i| {
+                let (p, s, t) = (pauser.clone(), stop.clone(), ticks.clone());
+                VcpuThread::from_handle(std::thread::spawn(move || {
+                    while !s.load(Ordering::Acquire) {
+                        if p.pause_requested() {
+                            p.park(i, || Err("a stand-in saves nothing".into()));
+                        }
+                        // Slow to see a request, as a vCPU deep in
+                        // KVM_RUN is until the kick (which a sleep ignores).
+                        std::thread::sleep(Duration::from_micros(500));
+                        t.fetch_add(1, Ordering::Relaxed);
+                    }
+                }))
+            })
+            .collect();
+        let gate = Gate::new(pauser, Arc::new(Mutex::new(threads)));
+        for round in 0..50 {
+            let before = ticks.load(Ordering::Relaxed);
+            let still = gate
+                .with_stopped(|| {
+                    let a = ticks.load(Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(2));
+                    a == ticks.load(Ordering::Relaxed)
+                })
+                .expect("no vCPU ended");
+            assert!(still, "round {round}: a vCPU ran during the brief stop");
+            // And they run again afterwards.
+            while ticks.load(Ordering::Relaxed) == before {
+                std::thread::yield_now();
+            }
+        }
+        stop.store(true, Ordering::Release);
+    }
+}

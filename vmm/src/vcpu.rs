@@ -160,13 +160,13 @@ impl<T> Pauser<T> {
         self.cv.notify_all();
     }
 
-    fn pause_requested(&self) -> bool {
+    pub(crate) fn pause_requested(&self) -> bool {
         self.lock().pause
     }
 
     /// Park until released, leaving `save()`'s result unless the request
     /// is a brief stop. The vCPUs save in parallel, outside the lock.
-    fn park(&self, index: usize, mut save: impl FnMut() -> T) {
+    pub(crate) fn park(&self, index: usize, mut save: impl FnMut() -> T) {
         let want = {
             let g = self.lock();
             if !g.pause {
@@ -211,6 +211,12 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
+    /// A stand-in vCPU thread, for tests of what stops and kicks them.
+    #[cfg(test)]
+    pub(crate) fn from_handle(handle: JoinHandle<()>) -> Self {
+        Self { handle }
+    }
+
     /// Interrupt `KVM_RUN` on this thread.
     pub fn kick(&self) {
         use std::os::unix::thread::JoinHandleExt;
